@@ -1,0 +1,187 @@
+"""Stage 4, sparse-attn: block-sparse flash attention over tile-major q, k, v.
+
+``draftopt::block_sparse_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale,
+block, n_text_blocks)`` takes q, k, v in the padded tile-major layout
+[B, heads, Lp, D] (``permute_tiles``), where the first S blocks are visual
+tiles and the last ``n_text_blocks`` are text:
+
+- a visual query tile attends to its selected key tiles (``kv_idx[..., :kv_cnt]``)
+  and to every text block;
+- a text query block attends to every block;
+- ``key_bias`` [B or 1, heads or 1, Lp] float32 is added to every score of a
+  key: 0 for real keys, -inf for padding rows and for keys hidden by a key
+  padding mask (``draft_attention`` builds it).
+
+One program computes one query block with an online softmax in float32
+(FlashAttention-2 style, exp2, ``tl.dot`` on [BLOCK, D] tiles). A row whose
+keys are all masked returns zeros rather than NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from ._common import LOG2E, alloc, launcher, make_inference_only, next_pow2, use_triton
+from .block_mask import indices_to_dense
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
+    stride_kl, stride_kd, stride_vl, stride_vd,
+    offs_n, offs_d, d_ok, qk_scale,
+    BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    keys = kb.to(tl.int64) * BLOCK + offs_n
+    k = tl.load(K_bh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
+    bias = tl.load(Bias_bh + keys)
+    # qk_scale and the bias are both in log2 units: exp2 below.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(V_bh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _block_sparse_attn_kernel(
+    Q, K, V, Out, Bias, KvIdx, KvCnt,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol,
+    stride_bb, stride_bh,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=d_ok[None, :], other=0.0)
+    K_bh = K + b * stride_kb + h * stride_kh
+    V_bh = V + b * stride_vb + h * stride_vh
+    Bias_bh = Bias + b * stride_bb + h * stride_bh
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+
+    # Visual key tiles: the selected list for a visual query tile, all tiles for text.
+    is_text = pid_m >= n_tiles
+    row = tl.minimum(pid_m, n_tiles - 1)
+    cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + row)
+    n_keys = tl.where(is_text, n_tiles, cnt)
+    idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
+    for j in range(0, n_keys):
+        kb = tl.load(idx_row + j, mask=j < cnt, other=0)
+        kb = tl.where(is_text, j, kb)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
+                                      stride_kl, stride_kd, stride_vl, stride_vd,
+                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, DOT_PRECISION)
+    # Text key blocks: every query attends to them.
+    for t in range(0, n_text_blocks):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, n_tiles + t,
+                                      stride_kl, stride_kd, stride_vl, stride_vd,
+                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+
+
+def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
+    B, H, Lp, D = q.shape
+    n_tiles = kv_idx.shape[2]
+    out = alloc((B, H, Lp, D), q.dtype, q.device)
+    bias = key_bias.expand(B, H, Lp)
+    fp32 = q.dtype == torch.float32
+    launcher(_block_sparse_attn_kernel)[(n_tiles + n_text_blocks, B * H)](
+        q, k, v, out, bias, kv_idx, kv_cnt,
+        *q.stride(), *k.stride(), *v.stride(),
+        out.stride(0), out.stride(1), out.stride(2),
+        bias.stride(0), bias.stride(1),
+        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        H, n_tiles, n_text_blocks, D, scale * LOG2E,
+        BLOCK=block, BLOCK_D=max(16, next_pow2(D)),
+        # float32 models get full-precision dots (SDPA's math is not tf32 either).
+        DOT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=8 if block * D >= 128 * 128 else 4,
+        num_stages=1 if fp32 else 2,
+    )
+    return out
+
+
+def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
+    """Dense attention with the block mask expanded to tokens (float32, float64 for float64 input)."""
+    B, H, Lp, _ = q.shape
+    S = kv_idx.shape[2]
+    nb = S + n_text_blocks
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    blocks = torch.ones(B, H, nb, nb, dtype=torch.bool, device=q.device)
+    blocks[..., :S, :S] = indices_to_dense(kv_idx, kv_cnt)
+    allowed = blocks.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + key_bias.to(acc)[..., None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros, as the kernel
+    return (p @ v.to(acc)).to(q.dtype)
+
+
+@triton_op("draftopt::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    key_bias: torch.Tensor, scale: float, block: int, n_text_blocks: int,
+) -> torch.Tensor:
+    impl = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
+    return impl(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
+
+
+make_inference_only(_block_sparse_attention_op, "block_sparse_attention")
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    geom, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention on tile-major q, k, v [B, heads, Lp, D] (see the module doc).
+
+    ``key_bias`` defaults to 0 for real tokens and -inf for padding rows.
+    """
+    from ._common import check_dtype, refuse_grad
+    from .permute import permute_tiles
+
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must share one shape [B, heads, Lp, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Lp, D = q.shape
+    if Lp != geom.padded_len:
+        raise ValueError(f"q has {Lp} rows; the tile-major layout of {geom} has {geom.padded_len}")
+    if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
+        raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
+                         f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
+    if use_triton(q):
+        check_dtype("q", q)
+    refuse_grad("block_sparse_attention", q, k, v)
+    if key_bias is None:
+        ones = torch.zeros(1, 1, geom.seq_len, 1, device=q.device, dtype=torch.float32)
+        key_bias = permute_tiles(ones, geom, pad_value=float("-inf"))[..., 0]
+    scale = D ** -0.5 if scale is None else float(scale)
+    return torch.ops.draftopt.block_sparse_attention(
+        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks)

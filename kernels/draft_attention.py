@@ -1,0 +1,128 @@
+"""The five stages in one call: pool -> mask -> permute -> sparse-attn -> unpermute.
+
+Example:
+    >>> import torch
+    >>> from draftopt.kernels import draft_attention
+    >>> q, k, v = torch.randn(3, 2, 4, 2 * 16 * 32 + 77, 64).unbind(0)
+    >>> out, mask = draft_attention(q, k, v, grid=(2, 16, 32), text_len=77,
+    ...                             sparsity=0.75, return_mask=True)
+    >>> out.shape, mask.shape
+    (torch.Size([2, 4, 1101, 64]), (2, 4, 8, 8))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_dtype, refuse_grad, use_triton
+from .attention import block_sparse_attention
+from .block_mask import DraftBlockMask
+from .geometry import Geometry
+from .permute import permute_tiles, unpermute_tiles
+from .pool import tile_pool
+from .select import check_selection_args, draft_map, select_blocks
+
+# Register-resident [BLOCK, D] accumulators: beyond 128 the kernel spills.
+MAX_HEAD_DIM = 128
+
+
+def key_padding_bias(attn_mask: torch.Tensor | None, B: int, H: int, L: int, device) -> torch.Tensor:
+    """An SDPA ``attn_mask`` that only hides keys -> additive float32 bias [B or 1, H or 1, L].
+
+    The mask follows SDPA's broadcasting (right-aligned to [B, heads, Lq, Lk]);
+    its query dimension must be 1 (a key padding mask, as HunyuanVideo passes
+    for its text). Boolean True means "attend".
+    """
+    if attn_mask is None:
+        return torch.zeros(1, 1, L, device=device, dtype=torch.float32)
+    m = attn_mask
+    if m.dim() > 4:
+        raise ValueError(f"attn_mask has {m.dim()} dims; SDPA masks have at most 4")
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    mb, mh, mq, mk = m.shape
+    if mq != 1 or mk != L or mb not in (1, B) or mh not in (1, H):
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} is not a key padding mask for "
+            f"[B={B}, heads={H}, L={L}]: its query dimension must be 1 (e.g. [B, 1, 1, L]); "
+            "draftopt cannot sparsify attention with a per-query mask"
+        )
+    m = m[:, :, 0, :]
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, device=device, dtype=torch.float32).masked_fill(~m, float("-inf"))
+    return m.to(torch.float32)
+
+
+def draft_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    *,
+    tile: tuple[int, int] = (8, 16),
+    text_len: int | None = None,
+    text_position: str = "end",
+    sparsity: float = 0.9,
+    policy: str = "percentile",
+    cdf_threshold: float = 0.9,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_mask: bool = False,
+):
+    """Draft attention for a video self-attention call, a drop-in for SDPA.
+
+    Args:
+        q, k, v: [B, heads, L, D], L = T*H*W visual tokens + text tokens.
+        grid: (T, H, W) visual tokens.
+        tile: tokens per tile (th, tw); th*tw is one kernel block.
+        text_len: text tokens in L (default: L - T*H*W).
+        text_position: "start" or "end".
+        sparsity: fraction of visual tile pairs to skip, in [0, 1).
+        policy: "percentile", "topk" or "cdf" (see ``select.py``).
+        cdf_threshold: draft mass a query tile must cover, for "cdf".
+        attn_mask: optional key padding mask (bool: True = attend, or additive).
+        scale: softmax scale (default 1/sqrt(D)).
+        return_mask: also return the DraftBlockMask that was used.
+
+    Returns:
+        [B, heads, L, D] in q's dtype (and the DraftBlockMask if asked).
+    """
+    if q.dim() != 4 or not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            "draft_attention needs self-attention q, k, v of one shape [B, heads, L, D]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, L, D = q.shape
+    if use_triton(q):
+        check_dtype("q", q)
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is larger than {MAX_HEAD_DIM}, the most the kernel supports")
+    refuse_grad("draft_attention", q, k, v)
+    T, Hg, Wg = grid
+    if text_len is None:
+        text_len = L - T * Hg * Wg
+        if text_len < 0:
+            raise ValueError(f"sequence length {L} is shorter than the grid {T}x{Hg}x{Wg} = {T * Hg * Wg}")
+    geom = Geometry(tuple(grid), tuple(tile), text_len, text_position)
+    geom.check_seq_len(L)
+    check_selection_args(sparsity, policy, cdf_threshold)
+    scale = D ** -0.5 if scale is None else float(scale)
+
+    P = None
+    if sparsity == 0.0:
+        S = geom.n_tiles
+        kv_idx = torch.arange(S, dtype=torch.int32, device=q.device).expand(B, H, S, S).contiguous()
+        kv_cnt = torch.full((B, H, S), S, dtype=torch.int32, device=q.device)
+    else:
+        P = draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
+        kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
+
+    bias = key_padding_bias(attn_mask, B, H, L, q.device)
+    bias_p = permute_tiles(bias[..., None], geom, pad_value=float("-inf"))[..., 0]
+    qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
+    out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale), geom)
+    if return_mask:
+        return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
+    return out

@@ -1,0 +1,201 @@
+"""Token geometry of a video attention site, and the tile-major token order.
+
+A video DiT's sequence is ``text_len`` text tokens plus a ``T x H x W`` grid of
+visual tokens (frames x rows x columns, after patch embedding), text placed at
+the start or the end. draftopt splits each frame into tiles of ``th x tw``
+tokens; one tile is one kernel block of ``th * tw`` tokens.
+
+The *permuted* (tile-major) layout used by the sparse kernel is::
+
+    [tile 0 | tile 1 | ... | tile S-1 | text block 0 | ... ]   each BLOCK rows
+
+Inside a tile the real tokens come first (row-major over the tile's real
+rows and columns) and padding follows, so a partial tile at the right or
+bottom edge is "valid prefix + padding". Text tokens keep their order and are
+padded to whole blocks.
+
+Example:
+    >>> g = Geometry((3, 13, 27), tile=(8, 16), text_len=7, text_position="start")
+    >>> g.n_tiles, g.block, g.n_text_blocks, g.seq_len, g.padded_len
+    (12, 128, 1, 1060, 1664)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TEXT_POSITIONS = ("start", "end")
+# tl.dot needs every block dimension >= 16; above 256 tokens per tile the
+# kernel's [BLOCK, BLOCK] score tile no longer fits in registers.
+MIN_BLOCK, MAX_BLOCK = 16, 256
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Grid, tile and text layout of one attention site.
+
+    Args:
+        grid: ``(T, H, W)`` visual tokens (frames, rows, columns).
+        tile: ``(th, tw)`` tokens per tile; ``th * tw`` must be a power of two
+            in [16, 256] (one kernel block).
+        text_len: number of text tokens in the sequence (0 for none).
+        text_position: ``"start"`` (CogVideoX style) or ``"end"`` (HunyuanVideo).
+    """
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int] = (8, 16)
+    text_len: int = 0
+    text_position: str = "end"
+
+    def __post_init__(self):
+        grid, tile = tuple(self.grid), tuple(self.tile)
+        if len(grid) != 3 or not all(isinstance(d, int) and d > 0 for d in grid):
+            raise ValueError(
+                f"grid must be three positive ints (T, H, W) of visual tokens, got {self.grid!r}"
+            )
+        if len(tile) != 2 or not all(isinstance(d, int) and d > 0 for d in tile):
+            raise ValueError(f"tile must be two positive ints (th, tw), got {self.tile!r}")
+        block = tile[0] * tile[1]
+        if not (_is_pow2(block) and MIN_BLOCK <= block <= MAX_BLOCK):
+            raise ValueError(
+                f"tile {tile} has {block} tokens; th * tw must be a power of two between "
+                f"{MIN_BLOCK} and {MAX_BLOCK} (one kernel block), e.g. (8, 16) or (4, 16)"
+            )
+        if not isinstance(self.text_len, int) or self.text_len < 0:
+            raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
+        if self.text_position not in TEXT_POSITIONS:
+            raise ValueError(
+                f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}"
+            )
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "tile", tile)
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def n_visual(self) -> int:
+        T, H, W = self.grid
+        return T * H * W
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_visual + self.text_len
+
+    @property
+    def tiles_hw(self) -> tuple[int, int]:
+        (_, H, W), (th, tw) = self.grid, self.tile
+        return math.ceil(H / th), math.ceil(W / tw)
+
+    @property
+    def n_tiles(self) -> int:
+        nh, nw = self.tiles_hw
+        return self.grid[0] * nh * nw
+
+    @property
+    def block(self) -> int:
+        return self.tile[0] * self.tile[1]
+
+    @property
+    def n_text_blocks(self) -> int:
+        return math.ceil(self.text_len / self.block)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_tiles + self.n_text_blocks
+
+    @property
+    def padded_len(self) -> int:
+        return self.n_blocks * self.block
+
+    @property
+    def visual_offset(self) -> int:
+        """Index of the first visual token in the original sequence."""
+        return self.text_len if self.text_position == "start" else 0
+
+    @property
+    def text_offset(self) -> int:
+        """Index of the first text token in the original sequence."""
+        return 0 if self.text_position == "start" else self.n_visual
+
+    # -- op arguments ----------------------------------------------------------
+    def op_args(self) -> tuple[int, int, int, int, int, int, bool]:
+        """(T, H, W, th, tw, text_len, text_first): how the ops take a geometry."""
+        return (*self.grid, *self.tile, self.text_len, self.text_position == "start")
+
+    @classmethod
+    def from_op_args(cls, T, H, W, th, tw, text_len, text_first) -> "Geometry":
+        return cls((T, H, W), (th, tw), text_len, "start" if text_first else "end")
+
+    def check_seq_len(self, seq_len: int, what: str = "sequence") -> None:
+        if seq_len != self.seq_len:
+            T, H, W = self.grid
+            raise ValueError(
+                f"{what} length {seq_len} does not match the geometry: grid {T}x{H}x{W} = "
+                f"{self.n_visual} visual tokens + {self.text_len} text tokens = {self.seq_len}; "
+                f"pass the grid (latent shape / patch size) and text_len of this attention"
+            )
+
+    def __str__(self) -> str:
+        T, H, W = self.grid
+        th, tw = self.tile
+        nh, nw = self.tiles_hw
+        text = f", text {self.text_len} at {self.text_position}" if self.text_len else ""
+        return f"{T}x{H}x{W} tokens in {T}x{nh}x{nw} tiles of {th}x{tw}{text}"
+
+
+# -- token order ---------------------------------------------------------------
+def permuted_source_index(geom: Geometry, device=None) -> torch.Tensor:
+    """For each row of the permuted layout, the original token index (or -1 for padding).
+
+    int64 tensor of ``geom.padded_len`` rows; built from arange arithmetic on
+    ``device``, so it never synchronizes with the host.
+    """
+    T, H, W = geom.grid
+    th, tw = geom.tile
+    nh, nw = geom.tiles_hw
+    blk = geom.block
+    s = torch.arange(geom.n_tiles, device=device)
+    t, hi, wi = s // (nh * nw), (s // nw) % nh, s % nw
+    rows = torch.clamp(H - hi * th, max=th)  # real rows / columns of each tile
+    cols = torch.clamp(W - wi * tw, max=tw)
+    r = torch.arange(blk, device=device)[None, :]
+    valid = r < (rows * cols)[:, None]
+    row, col = r // cols[:, None], r % cols[:, None]
+    src = geom.visual_offset + t[:, None] * (H * W) + (hi[:, None] * th + row) * W + wi[:, None] * tw + col
+    vis = torch.where(valid, src, -1).reshape(-1)
+    j = torch.arange(geom.n_text_blocks * blk, device=device)
+    text = torch.where(j < geom.text_len, geom.text_offset + j, -1)
+    return torch.cat([vis, text])
+
+
+def original_to_permuted_index(geom: Geometry, device=None) -> torch.Tensor:
+    """For each original token, its row in the permuted layout (int64, ``seq_len`` rows).
+
+    Computed arithmetically (no boolean indexing), so it never synchronizes.
+    """
+    (_, H, W), (th, tw) = geom.grid, geom.tile
+    nh, nw = geom.tiles_hw
+    j = torch.arange(geom.n_visual, device=device)
+    t, h, w = j // (H * W), (j // W) % H, j % W
+    hi, wi = h // th, w // tw
+    cols = torch.clamp(W - wi * tw, max=tw)
+    tile = t * (nh * nw) + hi * nw + wi
+    vis = tile * geom.block + (h - hi * th) * cols + (w - wi * tw)
+    text = geom.n_tiles * geom.block + torch.arange(geom.text_len, device=device)
+    return torch.cat([text, vis] if geom.text_position == "start" else [vis, text])
+
+
+def tile_token_counts(geom: Geometry, device=None) -> torch.Tensor:
+    """Real tokens in each visual tile (float32, ``n_tiles``): the pooling divisor."""
+    (_, H, W), (th, tw) = geom.grid, geom.tile
+    nh, nw = geom.tiles_hw
+    s = torch.arange(geom.n_tiles, device=device)
+    rows = torch.clamp(H - ((s // nw) % nh) * th, max=th)
+    cols = torch.clamp(W - (s % nw) * tw, max=tw)
+    return (rows * cols).to(torch.float32)

@@ -1,0 +1,1 @@
+"""draftopt.passes: torch.fx passes (issue: graph layer)."""

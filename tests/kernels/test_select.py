@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from draftopt.kernels import DraftBlockMask, Geometry, draft_map, select_blocks
+from draftopt.kernels._common import poison_outputs
+from draftopt.kernels.block_mask import indices_to_dense
+from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton
+
+from . import reference as ref
+from .tolerances import assert_close
+
+
+def random_map(B, H, S, device):
+    """A draft map with a wide spread of values (softmax of large random scores): no ties."""
+    return torch.softmax(torch.randn(B, H, S, S, device=device) * 3, dim=-1)
+
+
+@pytest.mark.parametrize("S, D", [(12, 64), (37, 96), (130, 128)])
+def test_draft_map_op_matches_float64(device, S, D):
+    qp, kp = torch.randn(2, 3, S, D, device=device), torch.randn(2, 3, S, D, device=device)
+    with poison_outputs():
+        P = draft_map(qp, kp, D**-0.5)
+    assert P.dtype == torch.float32 and P.shape == (2, 3, S, S)
+    # tf32 dots on the GPU: probabilities to ~1e-3 relative
+    torch.testing.assert_close(P.double().cpu(), ref.draft_map(qp.cpu(), kp.cpu(), D**-0.5), atol=2e-4, rtol=2e-3)
+
+
+def test_draft_map_triton_kernel(device):
+    qp, kp = torch.randn(1, 2, 70, 32, device=device), torch.randn(1, 2, 70, 32, device=device)
+    with poison_outputs():
+        P = draft_map_triton(qp, kp, 0.3)
+    torch.testing.assert_close(P.double().cpu(), ref.draft_map(qp.cpu(), kp.cpu(), 0.3), atol=2e-4, rtol=2e-3)
+
+
+def kept(kv_idx, kv_cnt):
+    return indices_to_dense(kv_idx, kv_cnt).cpu()
+
+
+@pytest.mark.parametrize("S", [7, 40, 99])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.95])
+def test_percentile_reproduces_the_papers_rule(device, S, sparsity):
+    P = random_map(2, 3, S, device)
+    with poison_outputs():
+        kv_idx, kv_cnt = select_blocks(P, sparsity, "percentile")
+    assert kv_idx.shape == (2, 3, S, S) and kv_idx.dtype == kv_cnt.dtype == torch.int32
+    assert torch.equal(kept(kv_idx, kv_cnt), ref.percentile_keep(P.cpu(), sparsity))
+
+
+@pytest.mark.parametrize("S", [7, 40])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_topk_keeps_a_fixed_count_per_row(device, S, sparsity):
+    P = random_map(2, 2, S, device)
+    kv_idx, kv_cnt = select_blocks(P, sparsity, "topk")
+    k = math.ceil(round((1 - sparsity) * S, 6))
+    assert kv_idx.shape[-1] == k and torch.all(kv_cnt == k)
+    assert torch.equal(kept(kv_idx, kv_cnt), ref.topk_keep(P.cpu(), sparsity))
+
+
+@pytest.mark.parametrize("sparsity, threshold", [(0.5, 0.5), (0.8, 0.9), (0.3, 0.99)])
+def test_cdf_keeps_the_fewest_tiles_reaching_the_mass(device, sparsity, threshold):
+    P = random_map(2, 2, 33, device)
+    kv_idx, kv_cnt = select_blocks(P, sparsity, "cdf", cdf_threshold=threshold)
+    assert torch.equal(kept(kv_idx, kv_cnt), ref.cdf_keep(P.cpu(), sparsity, threshold))
+
+
+@pytest.mark.parametrize("policy", ["percentile", "topk", "cdf"])
+def test_every_policy_keeps_the_diagonal_and_lists_ascending(device, policy):
+    P = random_map(3, 2, 25, device)
+    P = P * (1 - torch.eye(25, device=device)) / 2  # a diagonal the policy would never pick
+    kv_idx, kv_cnt = select_blocks(P, 0.95, policy)
+    dense = kept(kv_idx, kv_cnt)
+    assert dense.diagonal(dim1=-2, dim2=-1).all()
+    assert torch.all(kv_cnt >= 1)
+    live = torch.arange(kv_idx.shape[-1], device=device) < kv_cnt[..., None]
+    steps = kv_idx[..., 1:] - kv_idx[..., :-1]
+    assert torch.all((steps > 0) | ~live[..., 1:])  # strictly ascending where live
+    assert kv_idx.min() >= 0 and kv_idx.max() < 25  # dead slots are valid tiles too
+
+
+@pytest.mark.parametrize("policy", ["percentile", "topk", "cdf"])
+def test_sparsity_zero_keeps_everything(device, policy):
+    P = random_map(1, 2, 9, device)
+    kv_idx, kv_cnt = select_blocks(P, 0.0, policy)
+    assert kept(kv_idx, kv_cnt).all()
+
+
+@pytest.mark.parametrize("K", [64, 5])
+def test_compaction_kernel_matches_reference(device, K):
+    keep = torch.rand(2, 3, 64, 64, device=device) < 0.3
+    with poison_outputs():
+        idx, cnt = compact_triton(keep, K)
+    ridx, rcnt = compact_reference(keep.cpu(), K)
+    assert torch.equal(idx.cpu(), ridx) and torch.equal(cnt.cpu(), rcnt)
+
+
+@pytest.mark.parametrize("policy", ["percentile", "topk", "cdf"])
+def test_select_opcheck(device, policy):
+    P = random_map(1, 2, 9, device)
+    opcheck(torch.ops.draftopt.select_blocks.default, (P, 0.6, policy, 0.9))
+
+
+def test_draft_map_opcheck(device):
+    qp, kp = torch.randn(1, 2, 9, 16, device=device), torch.randn(1, 2, 9, 16, device=device)
+    opcheck(torch.ops.draftopt.draft_map.default, (qp, kp, 0.25))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), "sparsity must be .* got 1.0"),
+        (dict(sparsity=1.5), "got 1.5"),
+        (dict(sparsity=-0.1), "got -0.1"),
+        (dict(policy="random"), "unknown policy 'random'"),
+        (dict(policy="cdf", cdf_threshold=0.0), "cdf_threshold"),
+    ],
+)
+def test_bad_selection_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_blocks(random_map(1, 1, 4, "cpu"), **kwargs)
+
+
+def test_block_mask_type(device):
+    g = Geometry((2, 8, 16), (4, 8), text_len=5)
+    P = random_map(2, 3, g.n_tiles, device)
+    kv_idx, kv_cnt = select_blocks(P, 0.75, "topk")
+    m = DraftBlockMask(kv_idx, kv_cnt, g, "topk", 0.75)
+    dense = m.to_dense()
+    assert dense.shape == (2, 3, 8, 8) and dense.dtype == torch.bool
+    assert int(dense.sum()) == int(kv_cnt.sum()) == 2 * 3 * 8 * 2
+    assert m.sparsity() == pytest.approx(0.75)
+    tok = m.to_token_mask().cpu()
+    assert torch.equal(tok, ref.token_mask(dense.cpu(), g.grid, g.tile, g.text_len, g.text_position))
+    text = "DraftBlockMask(batch=2, heads=3, tiles=8x8, K=2, policy='topk', requested_sparsity=0.75, sparsity=0.750"
+    assert repr(m).startswith(text) and "2x8x16 tokens" in repr(m)
