@@ -33,21 +33,24 @@ def _attend_block(
     acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
     stride_kl, stride_kd, stride_vl, stride_vd,
     offs_n, offs_d, d_ok, qk_scale,
-    BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    keys = kb.to(tl.int64) * BLOCK + offs_n
-    k = tl.load(K_bh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
-    bias = tl.load(Bias_bh + keys)
-    # qk_scale and the bias are both in log2 units: exp2 below.
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V_bh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax."""
+    for n0 in tl.static_range(0, BLOCK, BLOCK_N):
+        keys = kb.to(tl.int64) * BLOCK + n0 + offs_n
+        k = tl.load(K_bh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
+        bias = tl.load(Bias_bh + keys)
+        # qk_scale and the bias are both in log2 units: exp2 below.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V_bh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -61,14 +64,17 @@ def _block_sparse_attn_kernel(
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
     n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # One program: BLOCK_M query rows of one query block (BLOCK rows = one tile).
+    pid = tl.program_id(0)
+    pid_m = pid // (BLOCK // BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
@@ -78,9 +84,9 @@ def _block_sparse_attn_kernel(
     V_bh = V + b * stride_vb + h * stride_vh
     Bias_bh = Bias + b * stride_bb + h * stride_bh
 
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Visual key tiles: the selected list for a visual query tile, all tiles for text.
     is_text = pid_m >= n_tiles
@@ -93,12 +99,12 @@ def _block_sparse_attn_kernel(
         kb = tl.where(is_text, j, kb)
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
                                       stride_kl, stride_kd, stride_vl, stride_vd,
-                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, DOT_PRECISION)
+                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, BLOCK_N, DOT_PRECISION)
     # Text key blocks: every query attends to them.
     for t in range(0, n_text_blocks):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, n_tiles + t,
                                       stride_kl, stride_kd, stride_vl, stride_vd,
-                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, DOT_PRECISION)
+                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, BLOCK_N, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -112,7 +118,11 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
     out = alloc((B, H, Lp, D), q.dtype, q.device)
     bias = key_bias.expand(B, H, Lp)
     fp32 = q.dtype == torch.float32
-    launcher(_block_sparse_attn_kernel)[(n_tiles + n_text_blocks, B * H)](
+    # Sub-tiles of one BLOCK: 128 x 64 is FlashAttention-2's Hopper shape for
+    # 16-bit D=128; float32 (4-byte operands, no tensor-core dot) halves both.
+    block_m, block_n = (64, 32) if fp32 else (128, 64)
+    block_m, block_n = min(block_m, block), min(block_n, block)
+    launcher(_block_sparse_attn_kernel)[((n_tiles + n_text_blocks) * (block // block_m), B * H)](
         q, k, v, out, bias, kv_idx, kv_cnt,
         *q.stride(), *k.stride(), *v.stride(),
         out.stride(0), out.stride(1), out.stride(2),
@@ -120,11 +130,12 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         H, n_tiles, n_text_blocks, D, scale * LOG2E,
-        BLOCK=block, BLOCK_D=max(16, next_pow2(D)),
-        # float32 models get full-precision dots (SDPA's math is not tf32 either).
-        DOT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if block * D >= 128 * 128 else 4,
-        num_stages=1 if fp32 else 2,
+        BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
+        # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
+        DOT_PRECISION="tf32x3" if fp32 else "tf32",
+        num_warps=8 if block_m * max(64, D) >= 128 * 128 else 4,
+        num_stages=2,
     )
     return out
 

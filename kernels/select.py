@@ -183,7 +183,7 @@ def _compact_kernel(Keep, Idx, Cnt, S, K, BLOCK_C: tl.constexpr):
 
 def compact_triton(keep: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, S, _ = keep.shape
-    keep_u8 = keep.contiguous().view(torch.uint8)
+    keep_u8 = keep.to(torch.uint8)  # Inductor cannot lower a bool -> uint8 view
     idx = alloc((B, H, S, K), torch.int32, keep.device)
     cnt = alloc((B, H, S), torch.int32, keep.device)
     launcher(_compact_kernel)[(B * H * S,)](keep_u8, idx, cnt, S, K, BLOCK_C=min(1024, next_pow2(S)))

@@ -58,7 +58,8 @@ def run_case(device, g, B, H, D, dtype, density, impl):
     (Geometry((2, 5, 9), (4, 4), 21, "start"), 2, 2, 64),
     (Geometry((1, 7, 6), (4, 4), 0, "end"), 1, 3, 96),
     (Geometry((2, 4, 8), (2, 8), 40, "end"), 3, 1, 32),
-], ids=["text-start", "no-text-d96", "text-end-b3"])
+    (Geometry((1, 8, 16), (8, 16), 20, "end"), 1, 1, 64),  # 128-token tiles: sub-tiled loops
+], ids=["text-start", "no-text-d96", "text-end-b3", "block128"])
 def test_kernel_matches_float64(device, g, B, H, D, dtype):
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("triton's CPU interpreter computes tl.dot on bfloat16 wrongly (triton 3.9); checked on GPU")
