@@ -81,6 +81,7 @@ def _block_sparse_attn_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                 mask=d_ok[None, :], other=0.0)
     K_bh = K + b * stride_kb + h * stride_kh
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     V_bh = V + b * stride_vb + h * stride_vh
     Bias_bh = Bias + b * stride_bb + h * stride_bh
 

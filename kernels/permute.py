@@ -49,7 +49,8 @@ def _gather_rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     x_ptrs = X + b * stride_xb + h * stride_xh + src[:, None] * stride_xl + offs_d[None, :] * stride_xd
-    vals = tl.load(x_ptrs, mask=(src >= 0)[:, None] & d_ok[None, :], other=pad_value)
+    pad = tl.cast(pad_value, X.dtype.element_ty)  # Inductor passes Python floats as fp64
+    vals = tl.load(x_ptrs, mask=(src >= 0)[:, None] & d_ok[None, :], other=pad)
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, vals.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 

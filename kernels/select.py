@@ -75,6 +75,7 @@ def _draft_map_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
                 mask=(rows < S)[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, S, BLOCK_N):  # pass 1: row max and normalizer
