@@ -11,6 +11,7 @@ op                                          stage
 ``torch.ops.draftopt.draft_map``            2 softmax(q_pool k_pool^T * scale)
 ``torch.ops.draftopt.select_blocks``        2 draft map -> kv_idx, kv_cnt (policy)
 ``torch.ops.draftopt.permute_tiles``        3 tokens -> tile-major, padded
+``torch.ops.draftopt.key_bias``             4 key padding mask -> tile-major bias
 ``torch.ops.draftopt.block_sparse_attention`` 4 flash attention over selected tiles
 ``torch.ops.draftopt.unpermute_tiles``      5 tile-major -> original order
 ==========================================  ==========================================
@@ -18,9 +19,9 @@ op                                          stage
 ``draft_attention`` runs all five. Importing this package registers the ops.
 """
 
-from .attention import block_sparse_attention
+from .attention import block_sparse_attention, check_key_padding_mask, key_padding_bias, permuted_key_bias
 from .block_mask import DraftBlockMask
-from .draft_attention import draft_attention, key_padding_bias
+from .draft_attention import draft_attention
 from .geometry import Geometry
 from .permute import permute_tiles, unpermute_tiles
 from .pool import tile_pool
@@ -29,5 +30,6 @@ from .select import POLICIES, draft_map, select_blocks
 __all__ = [
     "Geometry", "DraftBlockMask", "POLICIES",
     "tile_pool", "draft_map", "select_blocks", "permute_tiles", "unpermute_tiles",
-    "block_sparse_attention", "draft_attention", "key_padding_bias",
+    "block_sparse_attention", "draft_attention", "key_padding_bias", "permuted_key_bias",
+    "check_key_padding_mask",
 ]

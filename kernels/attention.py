@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import LOG2E, alloc, launcher, make_inference_only, next_pow2, use_triton
+from ._common import LOG2E, alloc, check_dtype, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
 from .block_mask import indices_to_dense
+from .geometry import Geometry, permuted_source_index
 
 
 @triton.jit
@@ -176,8 +177,6 @@ def block_sparse_attention(
 
     ``key_bias`` defaults to 0 for real tokens and -inf for padding rows.
     """
-    from ._common import check_dtype, refuse_grad
-    from .permute import permute_tiles
 
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must share one shape [B, heads, Lp, D]; got "
@@ -192,8 +191,56 @@ def block_sparse_attention(
         check_dtype("q", q)
     refuse_grad("block_sparse_attention", q, k, v)
     if key_bias is None:
-        ones = torch.zeros(1, 1, geom.seq_len, 1, device=q.device, dtype=torch.float32)
-        key_bias = permute_tiles(ones, geom, pad_value=float("-inf"))[..., 0]
+        key_bias = permuted_key_bias(None, B, H, geom, q.device)
     scale = D ** -0.5 if scale is None else float(scale)
     return torch.ops.draftopt.block_sparse_attention(
         q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks)
+
+
+# -- key bias: an SDPA key padding mask in the tile-major layout -------------------------
+def check_key_padding_mask(shape: tuple, B: int, H: int, L: int) -> None:
+    """Raise ValueError unless an SDPA mask of ``shape`` only hides keys (query dim 1)."""
+    full = (1,) * (4 - len(shape)) + tuple(shape)
+    if len(shape) > 4 or full[2] != 1 or full[3] != L or full[0] not in (1, B) or full[1] not in (1, H):
+        raise ValueError(
+            f"attn_mask of shape {tuple(shape)} is not a key padding mask for "
+            f"[B={B}, heads={H}, L={L}]: its query dimension must be 1 (e.g. [B, 1, 1, L]); "
+            "draftopt cannot sparsify attention with a per-query mask"
+        )
+
+
+def key_padding_bias(attn_mask: torch.Tensor | None, B: int, H: int, L: int, device) -> torch.Tensor:
+    """An SDPA ``attn_mask`` that only hides keys -> additive float32 bias [B or 1, H or 1, L].
+
+    The mask follows SDPA's broadcasting (right-aligned to [B, heads, Lq, Lk]);
+    its query dimension must be 1 (a key padding mask, as HunyuanVideo passes
+    for its text). Boolean True means "attend".
+    """
+    if attn_mask is None:
+        return torch.zeros(1, 1, L, device=device, dtype=torch.float32)
+    check_key_padding_mask(tuple(attn_mask.shape), B, H, L)
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    m = m[:, :, 0, :]
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, device=device, dtype=torch.float32).masked_fill(~m, float("-inf"))
+    return m.to(torch.float32)
+
+
+@triton_op("draftopt::key_bias", mutates_args=())
+def _key_bias_op(
+    mask: torch.Tensor | None, B: int, H: int, T: int, Hg: int, Wg: int, th: int, tw: int, text_len: int,
+    text_first: bool, device: torch.device,
+) -> torch.Tensor:
+    """[B|1, H|1, Lp] float32: the mask as an additive bias, -inf on padding rows."""
+    geom = Geometry.from_op_args(T, Hg, Wg, th, tw, text_len, text_first)
+    bias = key_padding_bias(mask, B, H, geom.seq_len, device)
+    src = permuted_source_index(geom, device)
+    return torch.where(src >= 0, bias.index_select(-1, src.clamp(min=0)), float("-inf"))
+
+
+make_inference_only(_key_bias_op, "key_bias")
+
+
+def permuted_key_bias(attn_mask, B: int, H: int, geom, device) -> torch.Tensor:
+    """An SDPA key padding mask (or None) laid out as ``block_sparse_attention``'s key bias."""
+    return torch.ops.draftopt.key_bias(attn_mask, B, H, *geom.op_args(), torch.device(device))

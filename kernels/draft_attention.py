@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_dtype, refuse_grad, use_triton
-from .attention import block_sparse_attention
+from .attention import block_sparse_attention, permuted_key_bias
 from .block_mask import DraftBlockMask
 from .geometry import Geometry
 from .permute import permute_tiles, unpermute_tiles
@@ -24,33 +24,6 @@ from .select import check_selection_args, draft_map, select_blocks
 
 # Register-resident [BLOCK, D] accumulators: beyond 128 the kernel spills.
 MAX_HEAD_DIM = 128
-
-
-def key_padding_bias(attn_mask: torch.Tensor | None, B: int, H: int, L: int, device) -> torch.Tensor:
-    """An SDPA ``attn_mask`` that only hides keys -> additive float32 bias [B or 1, H or 1, L].
-
-    The mask follows SDPA's broadcasting (right-aligned to [B, heads, Lq, Lk]);
-    its query dimension must be 1 (a key padding mask, as HunyuanVideo passes
-    for its text). Boolean True means "attend".
-    """
-    if attn_mask is None:
-        return torch.zeros(1, 1, L, device=device, dtype=torch.float32)
-    m = attn_mask
-    if m.dim() > 4:
-        raise ValueError(f"attn_mask has {m.dim()} dims; SDPA masks have at most 4")
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    mb, mh, mq, mk = m.shape
-    if mq != 1 or mk != L or mb not in (1, B) or mh not in (1, H):
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} is not a key padding mask for "
-            f"[B={B}, heads={H}, L={L}]: its query dimension must be 1 (e.g. [B, 1, 1, L]); "
-            "draftopt cannot sparsify attention with a per-query mask"
-        )
-    m = m[:, :, 0, :]
-    if m.dtype == torch.bool:
-        return torch.zeros(m.shape, device=device, dtype=torch.float32).masked_fill(~m, float("-inf"))
-    return m.to(torch.float32)
 
 
 def draft_attention(
@@ -119,8 +92,7 @@ def draft_attention(
         P = draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
-    bias = key_padding_bias(attn_mask, B, H, L, q.device)
-    bias_p = permute_tiles(bias[..., None], geom, pad_value=float("-inf"))[..., 0]
+    bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
     qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
     out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale), geom)
     if return_mask:

@@ -88,3 +88,17 @@ def test_shape_errors(device):
     kv_idx, kv_cnt = random_block_mask(1, 1, g.n_tiles, 0.5, device)
     with pytest.raises(ValueError, match="tile-major layout"):
         block_sparse_attention(q, q, q, kv_idx, kv_cnt, g)
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, -1), (1, -1), (2, 3, 1, -1)])
+def test_key_bias_op(device, mask_shape):
+    g = Geometry((2, 5, 9), (4, 4), 21, "start")
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(*[g.seq_len if d == -1 else d for d in mask_shape], device=device) > 0.3
+    args = (mask, 2, 3, *g.op_args(), torch.device(device))
+    opcheck(torch.ops.draftopt.key_bias.default, args)
+    bias = torch.ops.draftopt.key_bias(*args)
+    keep = torch.ones(2, 3, 1, g.seq_len, dtype=torch.bool, device=device) if mask is None else mask.expand(2, 3, 1, g.seq_len)
+    want = torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))[:, :, 0, :, None]
+    assert torch.equal(bias.expand(2, 3, -1), permute_tiles(want, g, pad_value=float("-inf"))[..., 0])
