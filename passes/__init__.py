@@ -1,1 +1,15 @@
-"""draftopt.passes: torch.fx passes (issue: graph layer)."""
+"""draftopt.passes: torch.fx passes over Dynamo graphs.
+
+- ``find_attention_sites``: SDPA calls and explicit softmax attention.
+- ``grid_sources`` / ``text_position_from_graph``: a site's token geometry.
+- ``DraftAttentionPass``: rewrite eligible sites into the draftopt ops.
+"""
+
+from .draft_attention_pass import DraftAttentionPass, SiteRecord
+from .geometry import grid_sources, text_position_from_graph
+from .sites import AttentionSite, find_attention_sites, module_path
+
+__all__ = [
+    "AttentionSite", "DraftAttentionPass", "SiteRecord",
+    "find_attention_sites", "grid_sources", "module_path", "text_position_from_graph",
+]

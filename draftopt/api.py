@@ -1,0 +1,125 @@
+"""optimize(), dense() and report(): the public entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from .config import DraftConfig
+from .report import Report
+
+
+class DraftOptimizedModule(nn.Module):
+    """A model compiled with the draftopt backend (what ``optimize`` returns).
+
+    Calls go to the compiled sparse model, or, inside ``draftopt.dense(model)``,
+    to the same model compiled without the rewrite (one extra graph, compiled
+    on first use). Attributes the wrapper does not have are read from the
+    original model (``.config``, ``.dtype``, ... for diffusers pipelines).
+    """
+
+    def __init__(self, model: nn.Module, config: DraftConfig, fullgraph: bool, mode: str | None):
+        super().__init__()
+        self._orig_mod = model
+        self.draftopt_config = config
+        self._draftopt_records = []
+        self._draftopt_dense_depth = 0
+        self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode)
+        # Not submodules (state_dict keeps the original model's keys only).
+        self.__dict__["_draftopt_sparse"] = self._compiled(config)
+        self.__dict__["_draftopt_dense"] = None
+
+    def _compiled(self, config: DraftConfig):
+        backend = functools.partial(_backend.draftopt_backend, options=config,
+                                    mode=self._draftopt_compile["mode"], records=self._draftopt_records)
+        # Static shapes: each resolution compiles its own graph with its own geometry.
+        return torch.compile(self._orig_mod, backend=backend, dynamic=False,
+                             fullgraph=self._draftopt_compile["fullgraph"])
+
+    def forward(self, *args, **kwargs):
+        if self._draftopt_dense_depth:
+            if self._draftopt_dense is None:
+                self.__dict__["_draftopt_dense"] = self._compiled(self.draftopt_config.replace(enabled=False))
+            return self._draftopt_dense(*args, **kwargs)
+        return self._draftopt_sparse(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("_orig_mod"), name)
+
+    def extra_repr(self) -> str:
+        c = self.draftopt_config
+        return f"sparsity={c.sparsity}, policy={c.policy!r}, latent_shape={c.latent_shape}, tile={c.tile}"
+
+
+def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None, *, fullgraph: bool = False,
+             mode: str | None = None, config: DraftConfig | None = None, **options) -> DraftOptimizedModule:
+    """Compile ``model`` with its video self-attention replaced by draft attention.
+
+    Args:
+        model: an nn.Module (e.g. a diffusers WanTransformer3DModel).
+        latent_shape: (T, H, W) of the latent the model is called with; None reads
+            the grid off the patch embedding of each compiled graph.
+        sparsity: fraction of visual tile pairs to skip (default 0.9, or ``config``'s).
+        fullgraph: passed to torch.compile (error on graph breaks).
+        mode: Inductor mode, e.g. "reduce-overhead" for CUDA graphs.
+        config: a DraftConfig; ``options`` (DraftConfig fields) override it.
+
+    Returns:
+        A DraftOptimizedModule; it compiles on its first call. Calling optimize on
+        it again reconfigures the original model (rewrites never stack).
+
+    Example:
+        >>> model = draftopt.optimize(transformer, latent_shape=(21, 60, 104), sparsity=0.9)
+        >>> out = model(**inputs)
+        >>> print(draftopt.report(model))
+    """
+    if isinstance(model, DraftOptimizedModule):
+        model = model._orig_mod  # reconfigure: start again from the original model
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError("optimize() got a model already wrapped by torch.compile; pass the original "
+                         "module (model._orig_mod) and let draftopt compile it")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"optimize() expects an nn.Module, got {type(model).__name__}")
+    given = {"sparsity": sparsity, "latent_shape": latent_shape}
+    cfg = DraftConfig.from_options(config, **options, **{k: v for k, v in given.items() if v is not None})
+    return DraftOptimizedModule(model, cfg, fullgraph, mode)
+
+
+@contextlib.contextmanager
+def dense(model: DraftOptimizedModule):
+    """Run ``model`` with its original dense attention inside the block.
+
+    The paper (and SVG) run the first denoising steps dense. The dense graph is
+    compiled once, on first use; switching back and forth recompiles nothing.
+
+    Example:
+        >>> for i, t in enumerate(timesteps):
+        ...     with draftopt.dense(transformer) if i < 10 else contextlib.nullcontext():
+        ...         noise_pred = transformer(latents, t, text)
+    """
+    if not isinstance(model, DraftOptimizedModule):
+        raise ValueError(f"draftopt.dense() expects a model returned by draftopt.optimize(), got "
+                         f"{type(model).__name__}")
+    model._draftopt_dense_depth += 1
+    try:
+        yield model
+    finally:
+        model._draftopt_dense_depth -= 1
+
+
+def report(model: nn.Module | None = None) -> Report:
+    """What draftopt did: for a model returned by optimize, its graphs; with no
+    argument, every graph the draftopt backend compiled in this process."""
+    if model is None:
+        return Report(_backend.GRAPHS)
+    if not isinstance(model, DraftOptimizedModule):
+        raise ValueError(f"draftopt.report() expects a model returned by draftopt.optimize() (or no "
+                         f"argument for every graph), got {type(model).__name__}")
+    return Report(model._draftopt_records)

@@ -1,0 +1,111 @@
+"""DraftConfig: every knob of the draftopt pass, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .kernels.geometry import Geometry
+from .kernels.select import POLICIES, check_selection_args
+
+# Sites with fewer visual tokens stay dense. Measured on an H100 (bf16, 12
+# heads, D=128, BENCHMARKS.md "crossover"): below about 4k tokens the five-stage
+# pipeline's fixed cost (pool, map, select, permutes) outweighs the attention
+# it skips at sparsity 0.9, and dense cuDNN attention wins.
+MIN_TOKENS = 4096
+COMPILERS = ("inductor", "aot_eager", "eager")
+TEXT_POSITIONS = ("auto", "start", "end")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """How draftopt rewrites a model's video self-attention.
+
+    Args:
+        sparsity: fraction of visual (query tile, key tile) pairs to skip, in [0, 1).
+        latent_shape: (T, H, W) of the latent tensor the model is called with;
+            None: read the grid off the graph's patch embedding.
+        patch_size: patch size (int or (pt, ph, pw)); None: the patch embedding's stride.
+        tile: tokens per tile (th, tw); th * tw is one kernel block (power of two, 16..256).
+        policy: "percentile" (the paper), "topk" or "cdf".
+        cdf_threshold: draft-map mass each query tile must cover (policy "cdf").
+        text_len: text tokens per sequence; None: sequence length minus the grid.
+        text_position: "start", "end" or "auto" (follow q back to the concatenation).
+        min_tokens: sites with fewer visual tokens stay dense (see MIN_TOKENS).
+        dense_layers: the first N eligible sites of each graph stay dense.
+        compiler: what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
+        enabled: False compiles the graph unchanged (the dense steps of ``draftopt.dense``).
+
+    Example:
+        >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
+        0.8
+        >>> DraftConfig(sparsity=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: sparsity must be a number in [0, 1), got 1.5
+    """
+
+    sparsity: float = 0.9
+    latent_shape: tuple | None = None
+    patch_size: int | tuple | None = None
+    tile: tuple = (8, 16)
+    policy: str = "percentile"
+    cdf_threshold: float = 0.9
+    text_len: int | None = None
+    text_position: str = "auto"
+    min_tokens: int = MIN_TOKENS
+    dense_layers: int = 0
+    compiler: str = "inductor"
+    enabled: bool = True
+
+    def __post_init__(self):
+        check_selection_args(self.sparsity, self.policy, self.cdf_threshold)
+        if self.latent_shape is not None:
+            shape = tuple(self.latent_shape)
+            if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ValueError(f"latent_shape must be three positive ints (T, H, W), got {self.latent_shape!r}")
+            object.__setattr__(self, "latent_shape", shape)
+        if self.patch_size is not None:
+            p = self.patch_size
+            ok = isinstance(p, int) and p > 0 or (
+                isinstance(p, (tuple, list)) and len(p) in (2, 3) and all(isinstance(d, int) and d > 0 for d in p))
+            if not ok:
+                raise ValueError(f"patch_size must be an int or (pt, ph, pw) of positive ints, got {p!r}")
+            if not isinstance(p, int):
+                object.__setattr__(self, "patch_size", tuple(p))
+        object.__setattr__(self, "tile", tuple(self.tile))
+        Geometry((1, 1, 1), self.tile)  # raises ValueError for a tile that is not one kernel block
+        if self.text_len is not None and (not isinstance(self.text_len, int) or self.text_len < 0):
+            raise ValueError(f"text_len must be None or an int >= 0, got {self.text_len!r}")
+        if self.text_position not in TEXT_POSITIONS:
+            raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
+        for name in ("min_tokens", "dense_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
+
+    @classmethod
+    def from_options(cls, options=None, **overrides) -> "DraftConfig":
+        """A config from a DraftConfig, a dict of its fields (torch.compile's ``options``) or None."""
+        if isinstance(options, DraftConfig):
+            base = dataclasses.asdict(options)
+        elif options is None:
+            base = {}
+        elif isinstance(options, dict):
+            base = dict(options)
+        else:
+            raise ValueError(f"options must be a dict of DraftConfig fields or a DraftConfig, got {type(options).__name__}")
+        base.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise ValueError(f"unknown draftopt option(s) {unknown}; DraftConfig fields are {sorted(known)}")
+        return cls(**base)
+
+    def replace(self, **changes) -> "DraftConfig":
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["DraftConfig", "MIN_TOKENS", "COMPILERS", "POLICIES"]

@@ -1,0 +1,229 @@
+"""The draft-attention rewrite: each eligible site becomes five stages of ops.
+
+    q, k  -> draftopt.tile_pool -> draftopt.draft_map -> draftopt.select_blocks -> kv_idx, kv_cnt
+    mask  -> draftopt.key_bias
+    q,k,v -> draftopt.permute_tiles -> draftopt.block_sparse_attention -> draftopt.unpermute_tiles
+
+A site the pass cannot handle exactly (cross-attention, causal, dropout, a
+per-query mask, a sequence length the geometry does not explain, dynamic
+shapes, ...) is left as it was and recorded with the reason. The pass takes
+any config object with DraftConfig's fields and knows the ops only by their
+``torch.ops.draftopt`` names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .geometry import grid_sources, is_static, n_tokens, text_position_from_graph
+from .sites import AttentionSite, default_scale, example_value, find_attention_sites
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+@dataclass
+class SiteRecord:
+    """What the pass found at one attention site and what it did."""
+
+    name: str
+    kind: str  # "sdpa" or "explicit"
+    status: str = "skipped"  # "rewritten" or "skipped"
+    reason: str = ""
+    q_shape: tuple = ()
+    kv_shape: tuple = ()
+    dtype: str = ""
+    grid: tuple | None = None
+    grid_source: str = ""
+    text_len: int | None = None
+    text_position: str | None = None
+    tile: tuple = ()
+    n_tiles: int | None = None
+    sparsity: float | None = None
+    policy: str | None = None
+    has_mask: bool = False
+    node: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class _Skip(Exception):
+    pass
+
+
+@dataclass
+class DraftAttentionPass:
+    """Rewrite the video self-attention sites of a Dynamo graph in place.
+
+    Example:
+        >>> records = DraftAttentionPass(DraftConfig(sparsity=0.9))(gm, example_inputs)
+        >>> [r.status for r in records]
+        ['rewritten', 'skipped', ...]
+    """
+
+    config: object
+    counters: dict = field(default_factory=lambda: {"found": 0, "rewritten": 0, "skipped": 0})
+
+    def uuid(self) -> str:
+        """Identity of the pass and its options (for compile caches)."""
+        return hashlib.sha256(f"draftopt.DraftAttentionPass/1/{self.config!r}".encode()).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs=None) -> list[SiteRecord]:
+        cfg = self.config
+        sites = find_attention_sites(gm.graph)
+        sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size) if sites else []
+        records, dense_left = [], cfg.dense_layers
+        for site in sites:
+            rec = SiteRecord(name=site.name, kind=site.kind, node=site.node.name)
+            records.append(rec)
+            self.counters["found"] += 1
+            try:
+                geom, scale = self._plan(site, rec, sources)
+                if not cfg.enabled:
+                    raise _Skip("dense mode (draftopt.dense): compiled unchanged")
+                if dense_left > 0:
+                    dense_left -= 1
+                    raise _Skip(f"kept dense (dense_layers={cfg.dense_layers})")
+            except _Skip as why:
+                rec.reason = str(why)
+                self.counters["skipped"] += 1
+                log.info("draftopt: skipped %s: %s", rec.name, rec.reason)
+                continue
+            _rewrite(gm.graph, site, geom, scale, cfg)
+            rec.status = "rewritten"
+            self.counters["rewritten"] += 1
+            log.info("draftopt: rewrote %s (%s)", rec.name, geom)
+        if self.counters["rewritten"]:
+            gm.graph.lint()
+            gm.recompile()
+        return records
+
+    # -- eligibility and geometry ------------------------------------------------------
+    def _plan(self, site: AttentionSite, rec: SiteRecord, sources):
+        from draftopt.kernels import Geometry  # the ops' geometry type (no Triton involved)
+
+        cfg = self.config
+        q, k, v = (example_value(n) for n in (site.q, site.k, site.v))
+        if q is None or k is None or v is None:
+            raise _Skip("no shape information on q/k/v (not a Dynamo graph?)")
+        rec.q_shape, rec.kv_shape, rec.dtype = tuple(q.shape), tuple(k.shape), str(q.dtype).replace("torch.", "")
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise _Skip(f"q/k/v are not [B, heads, L, D] (q is {rec.q_shape})")
+        if not (is_static(q.shape) and is_static(k.shape) and is_static(v.shape)):
+            raise _Skip("dynamic shapes: compile with dynamic=False (draftopt.optimize does) so each resolution "
+                        "gets its own geometry")
+        if site.is_causal:
+            raise _Skip("causal attention")
+        if not isinstance(site.dropout_p, (int, float)) or site.dropout_p != 0.0:
+            raise _Skip(f"dropout_p={site.dropout_p}")
+        if site.enable_gqa or k.shape[1] != q.shape[1]:
+            raise _Skip(f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)")
+        if k.shape[2] != q.shape[2] or k.shape != v.shape:
+            raise _Skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
+        B, H, L, D = q.shape
+        if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise _Skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+        if D > MAX_HEAD_DIM:
+            raise _Skip(f"head dim {D} > {MAX_HEAD_DIM}")
+        if site.scale is not None and not isinstance(site.scale, (int, float)):
+            raise _Skip("scale is not a constant")
+        rec.has_mask = site.mask is not None
+        if site.mask is not None:
+            m = example_value(site.mask)
+            if m is None or not is_static(m.shape):
+                raise _Skip("attention mask without a static shape")
+            full = (1,) * (4 - m.dim()) + tuple(m.shape)
+            if m.dim() > 4 or full[2] != 1 or full[3] != L or full[0] not in (1, B) or full[1] not in (1, H):
+                raise _Skip(f"mask of shape {tuple(m.shape)} is not a key padding mask (query dim must be 1)")
+        # geometry
+        grid, source = self._grid_for(L, B, sources)
+        rec.grid, rec.grid_source = grid, source
+        N = n_tokens(grid)
+        text_len = L - N if cfg.text_len is None else cfg.text_len
+        if N + text_len != L:
+            raise _Skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len "
+                        f"{cfg.text_len}")
+        position = "end"
+        if text_len:
+            position = cfg.text_position
+            if position == "auto":
+                position = text_position_from_graph(site.q, N, text_len)
+                if position is None:
+                    raise _Skip(f"{text_len} text tokens but no concatenation of text and video found on q's "
+                                "path; pass text_position='start' or 'end'")
+        rec.text_len, rec.text_position = text_len, position if text_len else None
+        if N < cfg.min_tokens:
+            raise _Skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
+        geom = Geometry(grid, cfg.tile, text_len, position)
+        rec.tile, rec.n_tiles, rec.sparsity, rec.policy = geom.tile, geom.n_tiles, cfg.sparsity, cfg.policy
+        scale = float(site.scale) if site.scale is not None else default_scale(D)
+        return geom, scale
+
+    def _grid_for(self, L: int, B: int, sources):
+        if not sources:
+            raise _Skip("no geometry: pass latent_shape=(T, H, W) (no patch embedding found in this graph)")
+        tried = []
+        for src in sources:
+            grid = src.resolve(B)
+            if grid is None:
+                continue
+            tried.append(f"{'x'.join(map(str, grid))} = {n_tokens(grid)} ({src.source})")
+            if n_tokens(grid) <= L:
+                return grid, src.source
+        raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried))
+
+
+def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> None:
+    """Insert the five stages before the site and route its users to the result."""
+    ops = torch.ops.draftopt
+    q_val = example_value(site.q)
+    B, H, _, _ = q_val.shape
+    g = geom.op_args()
+    new_nodes = []
+
+    def call(target, *args):
+        n = graph.call_function(target, args)
+        new_nodes.append(n)
+        return n
+
+    with graph.inserting_before(site.node):
+        q_pool = call(ops.tile_pool.default, site.q, *g)
+        k_pool = call(ops.tile_pool.default, site.k, *g)
+        draft = call(ops.draft_map.default, q_pool, k_pool, scale)
+        sel = call(ops.select_blocks.default, draft, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold))
+        kv_idx, kv_cnt = call(operator.getitem, sel, 0), call(operator.getitem, sel, 1)
+        bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
+        qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
+        out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
+                   geom.block, geom.n_text_blocks)
+        result = call(ops.unpermute_tiles.default, out, *g)
+    for n in new_nodes:
+        n.meta.update({key: site.node.meta[key] for key in _COPIED_META if key in site.node.meta})
+        n.meta["draftopt_site"] = site.name
+    if site.kind == "explicit" and example_value(site.node) is not None:
+        result = _cast_like(graph, result, site.node)
+    site.node.replace_all_uses_with(result)
+    pending = [site.node, *site.extra_nodes]  # the replaced chain: erase what nothing reads any more
+    while any(not n.users for n in pending):
+        for n in [n for n in pending if not n.users]:
+            graph.erase_node(n)
+            pending.remove(n)
+
+
+def _cast_like(graph: fx.Graph, result: fx.Node, old: fx.Node) -> fx.Node:
+    """Explicit attention may produce another dtype than q (fp32 softmax @ v): keep it."""
+    dtype = example_value(old).dtype
+    with graph.inserting_after(result):
+        cast = graph.call_method("to", (result, dtype))
+    cast.meta.update({key: old.meta[key] for key in _COPIED_META if key in old.meta})
+    return cast

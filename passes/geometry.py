@@ -1,0 +1,132 @@
+"""Work out a site's token geometry from the graph: grid, text length and position.
+
+The grid (T, H, W tokens) comes from, in order:
+
+1. ``latent_shape`` / patch size (the patch size from the config, else the
+   stride of the graph's patch embedding, else 1: the pipeline packed tokens);
+2. the output shape of a patch embedding in the graph: a Conv3d ([B, C, T, H, W])
+   or a Conv2d applied per frame ([B*T, C, H, W]).
+
+Text tokens are the rest of the sequence; their position is found by following
+q back to the ``torch.cat`` that joined text and video tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .sites import example_value
+
+_CONV3D = {torch.conv3d, F.conv3d, torch.ops.aten.convolution.default}
+_CONV2D = {torch.conv2d, F.conv2d}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+@dataclass(frozen=True)
+class GridSource:
+    """A candidate token grid and where it came from (for reports)."""
+
+    grid: tuple  # (T, H, W); for a per-frame Conv2d, T is None until the batch is known
+    source: str
+    frames_from_batch: int | None = None  # Conv2d: output batch = B * T
+
+    def resolve(self, batch: int) -> tuple[int, int, int] | None:
+        if self.frames_from_batch is None:
+            return self.grid
+        if self.frames_from_batch % batch:
+            return None
+        return (self.frames_from_batch // batch, *self.grid[1:])
+
+
+def normalize_patch(patch) -> tuple[int, int, int]:
+    """int p -> (1, p, p); (ph, pw) -> (1, ph, pw); (pt, ph, pw) as is."""
+    if isinstance(patch, int):
+        return (1, patch, patch)
+    patch = tuple(patch)
+    return (1, *patch) if len(patch) == 2 else patch
+
+
+def _conv_nodes(graph: fx.Graph):
+    for n in graph.nodes:
+        if n.op == "call_function" and (n.target in _CONV3D or n.target in _CONV2D):
+            out = example_value(n)
+            if out is not None and out.dim() in (4, 5):
+                yield n, out
+
+
+def _conv_stride(n: fx.Node) -> tuple[int, int, int]:
+    stride = n.kwargs.get("stride", n.args[3] if len(n.args) > 3 else 1)
+    return normalize_patch(stride if not isinstance(stride, int) else (stride,) * (3 if example_value(n).dim() == 5 else 2))
+
+
+def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[GridSource]:
+    """Candidate grids for the sites of this graph, most trusted first."""
+    convs = list(_conv_nodes(graph))
+    if latent_shape is not None:
+        if patch_size is not None:
+            patch, how = normalize_patch(patch_size), "patch_size"
+        elif convs:
+            patch, how = _conv_stride(convs[0][0]), f"stride of {convs[0][0].name}"
+        else:
+            patch, how = (1, 1, 1), "no patch embedding in the graph"
+        if any(d % p for d, p in zip(latent_shape, patch)):
+            raise ValueError(
+                f"latent_shape {tuple(latent_shape)} is not divisible by the patch size {patch} ({how}); "
+                "pass the latent tensor's (T, H, W) and, if needed, patch_size=(pt, ph, pw)"
+            )
+        grid = tuple(d // p for d, p in zip(latent_shape, patch))
+        return [GridSource(grid, f"latent_shape {tuple(latent_shape)} / patch {patch} ({how})")]
+    sources = []
+    for n, out in convs:
+        if any(not isinstance(d, int) for d in out.shape):
+            continue
+        if out.dim() == 5:
+            sources.append(GridSource(tuple(out.shape[2:]), f"output of patch embedding {n.name} {tuple(out.shape)}"))
+        else:
+            sources.append(GridSource((None, *out.shape[2:]), f"output of per-frame patch embedding {n.name} "
+                                      f"{tuple(out.shape)}", frames_from_batch=out.shape[0]))
+    return sources
+
+
+def text_position_from_graph(q: fx.Node, n_visual: int, text_len: int, max_nodes: int = 64) -> str | None:
+    """Follow q's producers (breadth first) to a cat of [text, video] or [video, text]."""
+    seen, todo = set(), deque([q])
+    while todo and len(seen) < max_nodes:
+        n = todo.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in _CAT:
+            pos = _cat_text_position(n, n_visual, text_len)
+            if pos:
+                return pos
+        todo.extend(a for a in n.all_input_nodes if a.op != "placeholder")
+    return None
+
+
+def _cat_text_position(cat: fx.Node, n_visual: int, text_len: int) -> str | None:
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    vals = [example_value(p) for p in parts] if isinstance(parts, (list, tuple)) else []
+    if len(vals) < 2 or any(v is None for v in vals):
+        return None
+    sizes = [v.shape[dim] for v in vals]
+    if sizes[0] == text_len and sum(sizes[1:]) == n_visual:
+        return "start"
+    if sizes[-1] == text_len and sum(sizes[:-1]) == n_visual:
+        return "end"
+    return None
+
+
+def is_static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def n_tokens(grid) -> int:
+    return math.prod(grid)
