@@ -153,7 +153,7 @@ def _explicit_site(softmax: fx.Node) -> AttentionSite | None:
     k = _transposed_last_two(x.args[1])
     if k is None:
         return None
-    replaced.append(x)
+    replaced += [x, x.args[1]]  # the transpose goes too, unless something else reads it
     return AttentionSite(node=out, kind="explicit", q=x.args[0], k=k, v=v, mask=mask, scale=scale,
                          extra_nodes=replaced)
 

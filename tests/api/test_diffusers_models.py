@@ -1,0 +1,146 @@
+"""The pass on real diffusers transformers (tiny configs, random weights, CPU)."""
+
+import pytest
+import torch
+
+import draftopt
+
+from ..models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+from ..reference_model import reference_attention
+
+pytest.importorskip("diffusers")
+
+# Tiny models have 2x8x16 = 256 video tokens: tiles of 4x4 give 16 tiles.
+OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager", fullgraph=True)
+
+
+def statuses(model):
+    return {s.name: (s.status, s.reason) for s in draftopt.report(model).sites}
+
+
+@torch.no_grad()
+def test_wan_sparsity_zero_matches_original():
+    wan = tiny_wan()
+    inputs = wan_inputs()
+    want = wan(**inputs)[0]
+    model = draftopt.optimize(wan, sparsity=0.0, **OPTS)
+    got = model(**inputs)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    st = statuses(model)
+    assert [n for n, (s, _) in st.items() if s == "rewritten"] == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert st["blocks.0.attn2"][0] == "skipped" and "cross-attention" in st["blocks.0.attn2"][1]
+    site = draftopt.report(model).rewritten[0]
+    assert site.grid == (2, 8, 16) and site.text_len == 0 and site.tile == (4, 4)
+
+
+@torch.no_grad()
+def test_wan_sparse_matches_reference_op():
+    wan = tiny_wan()
+    inputs = wan_inputs()
+    model = draftopt.optimize(wan, sparsity=0.75, **OPTS)
+    got = model(**inputs)[0]
+    with reference_attention((2, 8, 16), 0, "end", sparsity=0.75, tile=(4, 4)) as calls:
+        want = wan(**inputs)[0]
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # and sparsity really changed the output
+    assert (got - wan(**inputs)[0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_hunyuan_sparsity_zero_matches_original_with_padded_text():
+    hy = tiny_hunyuan()
+    inputs = hunyuan_inputs()
+    want = hy(**inputs)[0]
+    model = draftopt.optimize(hy, sparsity=0.0, **OPTS)
+    got = model(**inputs)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    rep = draftopt.report(model)
+    assert len(rep.rewritten) == 4  # 2 dual-stream + 2 single-stream joint attentions
+    for s in rep.rewritten:
+        assert (s.grid, s.text_len, s.text_position, s.has_mask) == ((2, 8, 16), 8, "end", True)
+    (refiner,) = rep.skipped
+    assert refiner.name == "context_embedder.token_refiner.refiner_blocks.0.attn"
+    assert "not a key padding mask" in refiner.reason
+
+
+@torch.no_grad()
+def test_hunyuan_sparse_matches_reference_op():
+    hy = tiny_hunyuan()
+    inputs = hunyuan_inputs()
+    model = draftopt.optimize(hy, sparsity=0.75, policy="topk", **OPTS)
+    got = model(**inputs)[0]
+    with reference_attention((2, 8, 16), 8, "end", sparsity=0.75, policy="topk", tile=(4, 4)) as calls:
+        want = hy(**inputs)[0]
+    assert len(calls) == 4
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def test_second_resolution_recompiles_with_its_geometry():
+    wan = tiny_wan()
+    model = draftopt.optimize(wan, sparsity=0.5, **OPTS)
+    for latent, grid in [((2, 16, 32), (2, 8, 16)), ((3, 16, 16), (3, 8, 8))]:
+        inputs = wan_inputs(latent=latent)
+        got = model(**inputs)[0]
+        with reference_attention(grid, 0, "end", sparsity=0.5, tile=(4, 4)):
+            want = wan(**inputs)[0]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    graphs = draftopt.report(model).graphs
+    assert [g.sites[0].grid for g in graphs] == [(2, 8, 16), (3, 8, 8)]
+
+
+@torch.no_grad()
+def test_latent_shape_that_explains_no_site_leaves_model_unchanged():
+    wan = tiny_wan()
+    inputs = wan_inputs()
+    want = wan(**inputs)[0]
+    model = draftopt.optimize(wan, latent_shape=(4, 32, 64), sparsity=0.9, **OPTS)
+    got = model(**inputs)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    rep = draftopt.report(model)
+    assert not rep.rewritten
+    attn1 = [s for s in rep.sites if s.name.endswith("attn1")]
+    assert attn1 and all("sequence length 256 is shorter than every grid: 4x16x32 = 2048" in s.reason for s in attn1)
+
+
+@torch.no_grad()
+def test_latent_shape_with_patch_stride_from_graph():
+    model = draftopt.optimize(tiny_wan(), latent_shape=(2, 16, 32), sparsity=0.5, **OPTS)
+    model(**wan_inputs())
+    site = draftopt.report(model).rewritten[0]
+    assert site.grid == (2, 8, 16) and "stride" in site.grid_source
+
+
+@torch.no_grad()
+def test_dense_warmup_switches_without_recompiling():
+    wan = tiny_wan()
+    inputs = wan_inputs()
+    want_dense = wan(**inputs)[0]
+    model = draftopt.optimize(wan, sparsity=0.9, **OPTS)
+    sparse = model(**inputs)[0]
+    for _ in range(3):  # dense / sparse / dense ...: two graphs in all
+        with draftopt.dense(model):
+            torch.testing.assert_close(model(**inputs)[0], want_dense, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(model(**inputs)[0], sparse)
+    graphs = draftopt.report(model).graphs
+    assert len(graphs) == 2
+    assert [s.status for s in graphs[1].sites] == ["skipped"] * 4
+    assert "dense mode" in graphs[1].sites[0].reason
+
+
+@torch.no_grad()
+def test_dense_layers_keeps_the_first_sites_dense():
+    model = draftopt.optimize(tiny_wan(), sparsity=0.5, dense_layers=1, **OPTS)
+    model(**wan_inputs())
+    st = statuses(model)
+    assert st["blocks.0.attn1"] == ("skipped", "kept dense (dense_layers=1)")
+    assert st["blocks.1.attn1"][0] == "rewritten"
+
+
+@torch.no_grad()
+def test_min_tokens_skips_small_sites():
+    model = draftopt.optimize(tiny_wan(), sparsity=0.5, **{**OPTS, "min_tokens": 1000})
+    model(**wan_inputs())
+    reasons = [s.reason for s in draftopt.report(model).sites if s.name.endswith("attn1")]
+    assert reasons and all("256 visual tokens < min_tokens=1000" in r for r in reasons)

@@ -1,0 +1,80 @@
+"""Small models for the graph-layer tests: diffusers' Wan and HunyuanVideo with
+tiny configs (random weights, CPU-fast) and a hand-written toy DiT."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tiny_wan(heads=2, head_dim=16, layers=2):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64).eval()
+
+
+def wan_inputs(latent=(2, 16, 32), batch=1, text_len=8, device="cpu", dtype=torch.float32):
+    return dict(hidden_states=torch.randn(batch, 4, *latent, device=device, dtype=dtype),
+                timestep=torch.full((batch,), 500, device=device),
+                encoder_hidden_states=torch.randn(batch, text_len, 32, device=device, dtype=dtype),
+                return_dict=False)
+
+
+def tiny_hunyuan(heads=2, head_dim=16, layers=2, single_layers=2):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim,
+        num_layers=layers, num_single_layers=single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2,
+        patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        rope_theta=256.0, rope_axes_dim=(head_dim - 12, 6, 6) if head_dim == 16 else (16, 56, 56)).eval()
+
+
+def hunyuan_inputs(latent=(2, 16, 32), batch=2, text_len=8, valid=(5, 8), device="cpu", dtype=torch.float32):
+    mask = torch.zeros(batch, text_len, dtype=torch.long, device=device)
+    for b in range(batch):
+        mask[b, : valid[b % len(valid)]] = 1  # a short prompt: its last text tokens are padding
+    return dict(hidden_states=torch.randn(batch, 4, *latent, device=device, dtype=dtype),
+                timestep=torch.full((batch,), 500, device=device),
+                encoder_hidden_states=torch.randn(batch, text_len, 16, device=device, dtype=dtype),
+                encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 8, device=device, dtype=dtype),
+                guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype), return_dict=False)
+
+
+class ToyAttention(nn.Module):
+    """Explicit softmax attention, as older DiT code writes it."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(B, L, C))
+
+
+class ToyDiT(nn.Module):
+    """Patchify with a Conv3d, text tokens at the START (CogVideoX style), explicit attention."""
+
+    def __init__(self, channels=4, dim=32, heads=2, layers=2, text_dim=12):
+        super().__init__()
+        self.patch = nn.Conv3d(channels, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(ToyAttention(dim, heads) for _ in range(layers))
+        self.head = nn.Linear(dim, channels * 4)
+
+    def forward(self, latent, text):
+        B, C, T, H, W = latent.shape
+        x = self.patch(latent).flatten(2).transpose(1, 2)
+        h = torch.cat([self.text_proj(text), x], dim=1)
+        for norm, blk in zip(self.norms, self.blocks):
+            h = h + blk(norm(h))
+        video = F.gelu(self.head(h[:, text.shape[1]:]))
+        return video.view(B, T, H // 2, W // 2, C, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(B, C, T, H, W)

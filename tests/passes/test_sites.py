@@ -1,0 +1,147 @@
+"""The pass on small hand-written graphs: which forms are found, which are skipped and why."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftopt import DraftConfig
+from draftopt.passes import DraftAttentionPass, find_attention_sites
+
+GRID = (2, 4, 8)  # 64 video tokens
+N = 64
+
+
+def capture(fn, *inputs):
+    """The Dynamo graph of fn(*inputs)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*inputs)
+    return graphs[0]
+
+
+def run_pass(fn, *inputs, **cfg):
+    """(fn compiled with the pass applied, the pass's site records)."""
+    cfg = DraftConfig(**{"latent_shape": GRID, "tile": (4, 4), "min_tokens": 0, "sparsity": 0.5, **cfg})
+    records = []
+
+    def backend(gm, example_inputs):
+        records.extend(DraftAttentionPass(cfg)(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+    compiled(*inputs)
+    return compiled, records
+
+
+def qkv(L=N, heads=2, D=16, B=1):
+    return [torch.randn(B, heads, L, D) for _ in range(3)]
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    lambda q, k, v: F.scaled_dot_product_attention(query=q, key=k, value=v, scale=0.3),
+    lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)) * 0.25, dim=-1) @ v,
+    lambda q, k, v: (torch.matmul(q, k.transpose(-1, -2)) / 4.0).softmax(-1) @ v,
+    lambda q, k, v: F.softmax(q @ k.mT, dim=-1).to(v.dtype) @ v,
+], ids=["sdpa-positional", "sdpa-kwargs", "explicit-mul", "explicit-div-method", "explicit-mT-cast"])
+def test_attention_forms_are_found_and_rewritten_exactly(call):
+    q, k, v = qkv()
+    gm, records = run_pass(call, q, k, v, sparsity=0.0)
+    assert [r.status for r in records] == ["rewritten"], records
+    torch.testing.assert_close(gm(q, k, v), call(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("call, reason", [
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "causal"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1), "dropout_p=0.1"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, :10], v[:, :, :10]), "cross-attention: 64 queries attend to 10 keys"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool)),
+     "mask of shape (64, 64) is not a key padding mask"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :]),
+     "sequence length 2 is shorter than every grid"),
+    (lambda q, k, v: F.scaled_dot_product_attention(q.double(), k.double(), v.double()), "dtype torch.float64"),
+])
+def test_unsafe_sites_are_skipped_with_a_reason(call, reason):
+    q, k, v = qkv()
+    gm, records = run_pass(call, q, k, v)
+    (rec,) = records
+    assert rec.status == "skipped" and reason in rec.reason, rec.reason
+    if "dropout" not in reason:  # dropout is random: nothing to compare
+        torch.testing.assert_close(gm(q, k, v), call(q, k, v))  # unchanged
+
+
+def test_key_padding_mask_site_is_rewritten():
+    q, k, v = qkv(L=N + 5, B=2)
+    keep = torch.ones(2, 1, 1, N + 5, dtype=torch.bool)
+    keep[0, ..., -2:] = False
+
+    def f(q, k, v, m):
+        return F.scaled_dot_product_attention(torch.cat([q[:, :, :N], q[:, :, N:]], 2), k, v, attn_mask=m)
+
+    gm, records = run_pass(f, q, k, v, keep, sparsity=0.0)
+    assert records[0].status == "rewritten" and records[0].text_position == "end"
+    torch.testing.assert_close(gm(q, k, v, keep), f(q, k, v, keep), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("order, position", [("text-first", "start"), ("video-first", "end")])
+def test_text_position_follows_q_back_to_the_concatenation(order, position):
+    video, text = torch.randn(1, N, 2, 16), torch.randn(1, 5, 2, 16)
+
+    def f(video, text):
+        parts = [text, video] if order == "text-first" else [video, text]
+        x = torch.cat(parts, dim=1).permute(0, 2, 1, 3)
+        return F.scaled_dot_product_attention(x, x * 2, x + 1)
+
+    _, records = run_pass(f, video, text)
+    assert (records[0].status, records[0].text_len, records[0].text_position) == ("rewritten", 5, position)
+
+
+def test_text_without_a_concatenation_needs_text_position():
+    q, k, v = qkv(L=N + 5)
+    _, records = run_pass(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
+    assert "pass text_position='start' or 'end'" in records[0].reason
+    _, records = run_pass(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v, text_position="start")
+    assert records[0].status == "rewritten" and records[0].text_position == "start"
+
+
+def test_no_geometry_without_latent_shape_or_patch_embedding():
+    q, k, v = qkv()
+    gm = capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
+    (rec,) = DraftAttentionPass(DraftConfig(min_tokens=0))(gm)
+    assert not [n for n in gm.graph.nodes if "draftopt" in str(n.target)]
+    assert rec.status == "skipped" and "pass latent_shape" in rec.reason
+
+
+def test_module_path_names_the_attention_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Identity()
+
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(self.attn(q), k, v)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, q, k, v):
+            for b in self.blocks:
+                q = b(q, k, v)
+            return q
+
+    gm = capture(Net(), *qkv())
+    assert [s.name for s in find_attention_sites(gm.graph)] == ["blocks.0", "blocks.1"]
+
+
+def test_pass_uuid_depends_on_the_config():
+    a, b = DraftAttentionPass(DraftConfig()), DraftAttentionPass(DraftConfig(sparsity=0.5))
+    assert a.uuid() == DraftAttentionPass(DraftConfig()).uuid() != b.uuid()
