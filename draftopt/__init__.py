@@ -21,14 +21,14 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     __path__.append(_root)  # noqa: F821 (package __path__)
 
 from . import kernels  # noqa: E402  (registers the ops)
-from .api import DraftOptimizedModule, dense, optimize, report  # noqa: E402
+from .api import DenseWarmup, DraftOptimizedModule, dense, optimize, report  # noqa: E402
 from .backend import draftopt_backend  # noqa: E402
 from .config import DraftConfig  # noqa: E402
 from .kernels import DraftBlockMask, Geometry, draft_attention  # noqa: E402
 from .report import Report  # noqa: E402
 
 __all__ = [
-    "DraftBlockMask", "DraftConfig", "DraftOptimizedModule", "Geometry", "Report",
+    "DenseWarmup", "DraftBlockMask", "DraftConfig", "DraftOptimizedModule", "Geometry", "Report",
     "dense", "draft_attention", "draftopt_backend", "kernels", "optimize", "report",
 ]
 __version__ = "0.1.0"

@@ -114,6 +114,30 @@ def dense(model: DraftOptimizedModule):
         model._draftopt_dense_depth -= 1
 
 
+class DenseWarmup:
+    """A diffusers ``callback_on_step_end`` that runs the first ``steps`` denoising steps dense.
+
+    Example:
+        >>> pipe.transformer = draftopt.optimize(pipe.transformer, sparsity=0.9)
+        >>> video = pipe(prompt, num_inference_steps=50,
+        ...              callback_on_step_end=draftopt.DenseWarmup(pipe.transformer, steps=10)).frames
+    """
+
+    def __init__(self, model: DraftOptimizedModule, steps: int):
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        self._ctx = dense(model) if steps else None
+        self.steps = steps
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if self._ctx is not None and step >= self.steps - 1:  # step `step` has just run
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+        return callback_kwargs
+
+
 def report(model: nn.Module | None = None) -> Report:
     """What draftopt did: for a model returned by optimize, its graphs; with no
     argument, every graph the draftopt backend compiled in this process."""

@@ -144,3 +144,19 @@ def test_min_tokens_skips_small_sites():
     model(**wan_inputs())
     reasons = [s.reason for s in draftopt.report(model).sites if s.name.endswith("attn1")]
     assert reasons and all("256 visual tokens < min_tokens=1000" in r for r in reasons)
+
+
+@torch.no_grad()
+def test_dense_warmup_callback_runs_the_first_steps_dense():
+    wan = tiny_wan()
+    inputs = wan_inputs()
+    model = draftopt.optimize(wan, sparsity=0.9, **OPTS)
+    callback = draftopt.DenseWarmup(model, steps=2)
+    dense_out, kinds = wan(**inputs)[0], []
+    for step in range(4):  # what a diffusers pipeline does: call, then callback_on_step_end
+        out = model(**inputs)[0]
+        kinds.append("dense" if torch.allclose(out, dense_out, atol=2e-5, rtol=2e-5) else "sparse")
+        assert callback(None, step, 0, {"latents": out}) == {"latents": out}
+    assert kinds == ["dense", "dense", "sparse", "sparse"]
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        draftopt.DenseWarmup(model, steps=-1)
