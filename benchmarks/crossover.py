@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from draftopt.kernels import draft_attention
 
-GRIDS = [(1, 16, 32), (2, 16, 32), (4, 16, 32), (8, 16, 32), (8, 30, 52), (16, 30, 52)]
+GRIDS = [(1, 16, 32), (2, 16, 32), (4, 16, 32), (8, 16, 32), (8, 24, 32), (8, 32, 32), (8, 24, 48), (8, 30, 52), (16, 30, 52)]
 
 
 def graphed(fn):
