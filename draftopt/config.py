@@ -9,10 +9,11 @@ from .kernels.geometry import Geometry
 from .kernels.select import POLICIES, check_selection_args
 
 # Sites with fewer visual tokens stay dense. Measured on an H100 (bf16, 12
-# heads, D=128, BENCHMARKS.md "crossover"): below about 4k tokens the five-stage
-# pipeline's fixed cost (pool, map, select, permutes) outweighs the attention
-# it skips at sparsity 0.9, and dense cuDNN attention wins.
-MIN_TOKENS = 4096
+# heads, D=128, sparsity 0.9, CUDA-graph replays; BENCHMARKS.md "crossover"):
+# draftopt is 0.81x dense at 6144 tokens and 1.12x at 8192. Below that the
+# pipeline's fixed cost (~0.3 ms: pool, map, select, permutes) outweighs the
+# attention it skips.
+MIN_TOKENS = 8192
 COMPILERS = ("inductor", "aot_eager", "eager")
 TEXT_POSITIONS = ("auto", "start", "end")
 

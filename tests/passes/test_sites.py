@@ -145,3 +145,32 @@ def test_module_path_names_the_attention_module():
 def test_pass_uuid_depends_on_the_config():
     a, b = DraftAttentionPass(DraftConfig()), DraftAttentionPass(DraftConfig(sparsity=0.5))
     assert a.uuid() == DraftAttentionPass(DraftConfig()).uuid() != b.uuid()
+
+
+def test_grid_from_a_per_frame_conv2d_patch_embedding():
+    """CogVideoX-style: a Conv2d over [B*T, C, H, W] frames; T comes from the batch."""
+
+    class PerFrame(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(4, 32, kernel_size=2, stride=2)
+
+        def forward(self, latent):  # [B, T, C, H, W]
+            B, T, C, H, W = latent.shape
+            x = self.patch(latent.reshape(B * T, C, H, W))  # [B*T, 32, H/2, W/2]
+            x = x.reshape(B, T, 32, -1).permute(0, 1, 3, 2).reshape(B, -1, 2, 16).transpose(1, 2)
+            return F.scaled_dot_product_attention(x, x, x)
+
+    records = []
+
+    def backend(gm, example_inputs):
+        records.extend(DraftAttentionPass(DraftConfig(tile=(4, 4), min_tokens=0, sparsity=0.0))(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = PerFrame()
+    latent = torch.randn(2, 3, 4, 8, 16)
+    out = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(latent)
+    (rec,) = records
+    assert rec.status == "rewritten" and rec.grid == (3, 4, 8) and "per-frame" in rec.grid_source
+    torch.testing.assert_close(out, model(latent), atol=2e-5, rtol=2e-5)
