@@ -24,11 +24,12 @@ from . import kernels  # noqa: E402  (registers the ops)
 from .api import DenseWarmup, DraftOptimizedModule, dense, optimize, report  # noqa: E402
 from .backend import draftopt_backend  # noqa: E402
 from .config import DraftConfig  # noqa: E402
-from .kernels import DraftBlockMask, Geometry, draft_attention  # noqa: E402
+from .kernels import DraftBlockMask, Geometry, captured_masks, draft_attention  # noqa: E402
+from .pictures import save_mask_images  # noqa: E402
 from .report import Report  # noqa: E402
 
 __all__ = [
     "DenseWarmup", "DraftBlockMask", "DraftConfig", "DraftOptimizedModule", "Geometry", "Report",
-    "dense", "draft_attention", "draftopt_backend", "kernels", "optimize", "report",
+    "captured_masks", "dense", "draft_attention", "draftopt_backend", "kernels", "optimize", "report", "save_mask_images",
 ]
 __version__ = "0.1.0"

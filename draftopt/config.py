@@ -36,6 +36,8 @@ class DraftConfig:
         dense_layers: the first N eligible sites of each graph stay dense.
         compiler: what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
         enabled: False compiles the graph unchanged (the dense steps of ``draftopt.dense``).
+        capture_masks: record every call's block mask (``draftopt.captured_masks()``); for
+            inspection and pictures, off by default (no cost when off).
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -58,6 +60,7 @@ class DraftConfig:
     dense_layers: int = 0
     compiler: str = "inductor"
     enabled: bool = True
+    capture_masks: bool = False
 
     def __post_init__(self):
         check_selection_args(self.sparsity, self.policy, self.cdf_threshold)

@@ -1,21 +1,37 @@
-"""What the draftopt pass did: one GraphRecord per compiled graph, one SiteRecord per site."""
+"""What the draftopt pass did, rendered: tables, markdown, JSON, HTML, code diff.
+
+One ``GraphRecord`` per compiled graph (op counts and readable code before and
+after the rewrite, the graph's total FLOPs), one ``SiteRecord`` per attention
+site. FLOP figures are estimates: dense attention is 4*B*heads*Lq*Lk*D; the
+sparse side counts the kernel's whole blocks (padding included) for the
+expected number of kept tile pairs, all text blocks, and the draft map.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import html
+import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .passes import SiteRecord  # noqa: F401  (re-exported for users)
+from .kernels.select import keep_count
+from .passes import SiteRecord
+
+REPORT_VERSION = 1
 
 
+# -- collecting --------------------------------------------------------------------------
 def op_counts(graph: fx.Graph) -> Counter:
-    """Node count per op ("call_function" targets by name, methods as '.name')."""
+    """Node count per op: call_function targets by name, methods as '.name'."""
     counts = Counter()
     for n in graph.nodes:
         if n.op == "call_function":
-            counts[getattr(n.target, "__name__", None) and _target_name(n.target) or str(n.target)] += 1
+            counts[_target_name(n.target)] += 1
         elif n.op == "call_method":
             counts[f".{n.target}"] += 1
     return counts
@@ -23,10 +39,11 @@ def op_counts(graph: fx.Graph) -> Counter:
 
 def _target_name(target) -> str:
     name = str(target)
-    if name.startswith("draftopt.") or "::" in name or name.startswith("aten."):
+    if name.startswith(("draftopt.", "aten.")):
         return name
     module = getattr(target, "__module__", None) or ""
-    return f"{module}.{target.__name__}" if module and module != "_operator" else target.__name__
+    short = getattr(target, "__name__", name)
+    return f"{module}.{short}" if module and module not in ("_operator", "builtins") else short
 
 
 @dataclass
@@ -39,9 +56,59 @@ class GraphRecord:
     counts_after: Counter = field(default_factory=Counter)
     code_before: str = ""
     code_after: str = ""
-    config: object = None
+    flops_total: int | None = None  # the whole graph before the rewrite (FlopCounterMode)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sites"] = [s.as_dict() for s in self.sites]
+        d["counts_before"], d["counts_after"] = dict(self.counts_before), dict(self.counts_after)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphRecord":
+        d = dict(d)
+        d["sites"] = [site_from_dict(s) for s in d["sites"]]
+        d["counts_before"], d["counts_after"] = Counter(d["counts_before"]), Counter(d["counts_after"])
+        return cls(**d)
 
 
+def site_from_dict(d: dict) -> SiteRecord:
+    """A SiteRecord from JSON (lists back to tuples)."""
+    return SiteRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# -- FLOPs --------------------------------------------------------------------------------
+def expected_kept_tiles(policy: str, sparsity: float, S: int) -> int:
+    """Visual (query tile, key tile) pairs the policy keeps (cdf: its budget, an upper bound)."""
+    if sparsity == 0.0:
+        return S * S
+    if policy == "percentile":
+        return keep_count(sparsity, S * S)
+    return S * keep_count(sparsity, S)
+
+
+def site_flops(s: SiteRecord) -> tuple[int | None, int | None]:
+    """(dense, sparse) attention FLOPs of a site; sparse is None for a skipped site."""
+    if len(s.q_shape) != 4 or len(s.kv_shape) != 4:
+        return None, None
+    B, H, Lq, D = s.q_shape
+    dense = 4 * B * H * Lq * s.kv_shape[2] * D
+    if s.status != "rewritten":
+        return dense, None
+    S, block = s.n_tiles, s.tile[0] * s.tile[1]
+    n_text = math.ceil((s.text_len or 0) / block)
+    block_pairs = expected_kept_tiles(s.policy, s.sparsity, S) + S * n_text + n_text * (S + n_text)
+    attend = 4 * B * H * D * block * block * block_pairs
+    draft_map = 2 * (2 * B * H * S * S * D)  # two passes of q_pool @ k_pool^T
+    return dense, attend + draft_map
+
+
+def _gflop(x) -> str:
+    return "-" if x is None else f"{x / 1e9:.3f}"
+
+
+# -- the report ---------------------------------------------------------------------------
 class Report:
     """The record of what draftopt did, for one optimized model or the whole process.
 
@@ -51,6 +118,7 @@ class Report:
         >>> rep = draftopt.report(model)
         >>> [(s.name, s.status) for s in rep.sites][:2]
         [('blocks.0.attn1', 'rewritten'), ('blocks.0.attn2', 'skipped')]
+        >>> print(rep)                           # tables; also rep.to_markdown(), .to_html(), .to_json()
     """
 
     def __init__(self, graphs: list[GraphRecord]):
@@ -71,20 +139,145 @@ class Report:
     def __len__(self) -> int:
         return len(self.sites)
 
-    def __str__(self) -> str:
-        from tabulate import tabulate
+    # -- numbers ----------------------------------------------------------------------
+    def totals(self) -> dict:
+        dense = sparse = 0
+        for s in self.sites:
+            d, sp = site_flops(s)
+            if d is not None:
+                dense += d
+                sparse += d if sp is None else sp
+        graph_total = [g.flops_total for g in self.graphs]
+        total = sum(graph_total) if graph_total and None not in graph_total else None
+        return {
+            "graphs": len(self.graphs), "sites": len(self.sites),
+            "rewritten": len(self.rewritten), "skipped": len(self.skipped),
+            "attention_flops_dense": dense, "attention_flops_sparse": sparse,
+            "attention_flops_saved": 1 - sparse / dense if dense else 0.0,
+            "graph_flops": total, "attention_share": dense / total if total else None,
+        }
 
-        if not self.graphs:
-            return "draftopt report: no graph compiled yet (the model compiles on its first call)"
+    # -- tables -----------------------------------------------------------------------
+    def _op_rows(self, g: GraphRecord) -> list[list]:
+        ops = sorted(set(g.counts_before) | set(g.counts_after))
+        rows = [[op, g.counts_before[op], g.counts_after[op], f"{g.counts_after[op] - g.counts_before[op]:+d}"]
+                for op in ops if g.counts_before[op] != g.counts_after[op]]
+        nb, na = sum(g.counts_before.values()), sum(g.counts_after.values())
+        return rows + [["(all ops)", nb, na, f"{na - nb:+d}"]]
+
+    def _site_rows(self) -> list[list]:
         rows = []
         for g in self.graphs:
             for s in g.sites:
+                d, sp = site_flops(s)
                 grid = "x".join(map(str, s.grid)) if s.grid else "-"
                 text = f"{s.text_len}@{s.text_position}" if s.text_len else ("0" if s.text_len == 0 else "-")
-                rows.append([g.index, s.name, s.kind, grid, text, s.status, s.reason or "-"])
-        head = (f"draftopt report: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s), "
-                f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped")
-        table = tabulate(rows, headers=["graph", "site", "kind", "grid", "text", "status", "reason"])
-        return f"{head}\n{table}"
+                rows.append([
+                    g.index, s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",
+                    s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
+                    "x".join(map(str, s.tile)) if s.tile else "-", s.n_tiles if s.n_tiles is not None else "-", text,
+                    s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
+                    s.status, s.reason or "-",
+                ])
+        return rows
+
+    _SITE_HEADERS = ["graph", "site", "kind", "q BxHxLxD", "kv L", "grid", "tile", "S", "text", "policy",
+                     "sparsity", "GFLOP dense", "GFLOP sparse", "status", "reason"]
+    _OP_HEADERS = ["op", "before", "after", "change"]
+
+    def _summary_lines(self) -> list[str]:
+        t = self.totals()
+        lines = [f"{t['graphs']} graph(s), {t['sites']} attention site(s): {t['rewritten']} rewritten, "
+                 f"{t['skipped']} skipped"]
+        if t["attention_flops_dense"]:
+            lines.append(f"attention: {_gflop(t['attention_flops_dense'])} GFLOP dense -> "
+                         f"{_gflop(t['attention_flops_sparse'])} GFLOP (estimated), "
+                         f"{t['attention_flops_saved']:.1%} saved")
+        if t["attention_share"] is not None:
+            lines.append(f"attention is {t['attention_share']:.1%} of the graphs' {_gflop(t['graph_flops'])} GFLOP")
+        return lines
+
+    def render(self, fmt: str = "text") -> str:
+        """The report as "text" (plain tables), "md" (markdown) or "html"."""
+        from tabulate import tabulate
+
+        if fmt == "html":
+            return self.to_html()
+        tablefmt = "github" if fmt == "md" else "simple"
+        if not self.graphs:
+            return "draftopt report: no graph compiled yet (the model compiles on its first call)"
+        h1, h2 = ("# ", "## ") if fmt == "md" else ("", "")
+        out = [f"{h1}draftopt report", "", *self._summary_lines(), "", f"{h2}Attention sites", "",
+               tabulate(self._site_rows(), headers=self._SITE_HEADERS, tablefmt=tablefmt)]
+        for g in self.graphs:
+            out += ["", f"{h2}Graph {g.index}: ops changed by the rewrite", "",
+                    tabulate(self._op_rows(g), headers=self._OP_HEADERS, tablefmt=tablefmt)]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render("text")
 
     __repr__ = __str__
+
+    def to_markdown(self) -> str:
+        return self.render("md")
+
+    # -- machine-readable ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": REPORT_VERSION, "totals": self.totals(), "graphs": [g.to_dict() for g in self.graphs]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data = json.loads(text)
+        if data.get("version") != REPORT_VERSION:
+            raise ValueError(f"report version {data.get('version')!r} is not {REPORT_VERSION}")
+        return cls([GraphRecord.from_dict(g) for g in data["graphs"]])
+
+    # -- code diff ------------------------------------------------------------------------
+    def code_diff(self, context: int = 3) -> str:
+        """A unified diff of each graph's readable code before and after the rewrite."""
+        parts = []
+        for g in self.graphs:
+            parts.extend(difflib.unified_diff(
+                g.code_before.splitlines(keepends=True), g.code_after.splitlines(keepends=True),
+                fromfile=f"graph {g.index} (before)", tofile=f"graph {g.index} (after draftopt)", n=context))
+        return "".join(parts)
+
+    # -- html -----------------------------------------------------------------------------
+    def to_html(self) -> str:
+        """One self-contained page (inline CSS, no scripts, no network)."""
+        from tabulate import tabulate
+
+        def table(rows, headers):
+            return tabulate(rows, headers=headers, tablefmt="html")
+
+        diff_lines = []
+        for line in self.code_diff().splitlines():
+            cls = "add" if line.startswith("+") else "del" if line.startswith("-") else "hunk" if line.startswith("@@") else ""
+            diff_lines.append(f'<span class="{cls}">{html.escape(line)}</span>')
+        body = [f"<h1>draftopt report</h1>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>"
+                                                             for s in self._summary_lines()) + "</ul>",
+                "<h2>Attention sites</h2>", table(self._site_rows(), self._SITE_HEADERS)]
+        for g in self.graphs:
+            body += [f"<h2>Graph {g.index}: ops changed by the rewrite</h2>", table(self._op_rows(g), self._OP_HEADERS)]
+        body += ["<h2>Code diff</h2>", "<pre>" + "\n".join(diff_lines) + "</pre>"]
+        return _HTML_PAGE.format(body="\n".join(body))
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>draftopt report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #f3f3f3; }}
+pre {{ background: #fafafa; border: 1px solid #ddd; padding: 1em; font-size: 12px; overflow-x: auto; }}
+.add {{ color: #1a7f37; }} .del {{ color: #cf222e; }} .hunk {{ color: #8250df; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

@@ -21,6 +21,7 @@ op                                          stage
 
 from .attention import block_sparse_attention, check_key_padding_mask, key_padding_bias, permuted_key_bias
 from .block_mask import DraftBlockMask
+from .capture import captured_masks
 from .draft_attention import draft_attention
 from .geometry import Geometry
 from .permute import permute_tiles, unpermute_tiles
@@ -30,6 +31,6 @@ from .select import POLICIES, draft_map, select_blocks
 __all__ = [
     "Geometry", "DraftBlockMask", "POLICIES",
     "tile_pool", "draft_map", "select_blocks", "permute_tiles", "unpermute_tiles",
-    "block_sparse_attention", "draft_attention", "key_padding_bias", "permuted_key_bias",
+    "block_sparse_attention", "captured_masks", "draft_attention", "key_padding_bias", "permuted_key_bias",
     "check_key_padding_mask",
 ]

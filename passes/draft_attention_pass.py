@@ -202,6 +202,9 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
         draft = call(ops.draft_map.default, q_pool, k_pool, scale)
         sel = call(ops.select_blocks.default, draft, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold))
         kv_idx, kv_cnt = call(operator.getitem, sel, 0), call(operator.getitem, sel, 1)
+        if getattr(cfg, "capture_masks", False):  # on the data path, so no compiler drops it
+            kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, site.name, [int(a) for a in g],
+                          cfg.policy, float(cfg.sparsity))
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
         qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
         out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,

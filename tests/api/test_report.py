@@ -1,0 +1,168 @@
+"""Reports: tables, FLOPs, JSON, markdown, HTML, code diff, trace artifact, mask pictures, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import draftopt
+from draftopt.report import Report, site_flops
+
+from ..models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+
+OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def wan_report():
+    torch._dynamo.reset()
+    model = draftopt.optimize(tiny_wan(), sparsity=0.75, **OPTS)
+    with torch.no_grad():
+        model(**wan_inputs())
+    return draftopt.report(model)
+
+
+@pytest.fixture(scope="module")
+def hunyuan_report():
+    torch._dynamo.reset()
+    model = draftopt.optimize(tiny_hunyuan(), sparsity=0.75, policy="topk", **OPTS)
+    with torch.no_grad():
+        model(**hunyuan_inputs())
+    return draftopt.report(model)
+
+
+def test_sites_and_reasons(wan_report, hunyuan_report):
+    assert [(s.name, s.status) for s in wan_report.sites] == [
+        ("blocks.0.attn1", "rewritten"), ("blocks.0.attn2", "skipped"),
+        ("blocks.1.attn1", "rewritten"), ("blocks.1.attn2", "skipped")]
+    assert all("cross-attention: 256 queries attend to 8 keys" == s.reason for s in wan_report.skipped)
+    names = [s.name for s in hunyuan_report.rewritten]
+    assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn",
+                     "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
+    (refiner,) = hunyuan_report.skipped
+    assert "not a key padding mask" in refiner.reason
+    text = str(hunyuan_report)
+    for s in hunyuan_report.sites:
+        assert s.name in text
+    assert "5 attention site(s): 4 rewritten, 1 skipped" in text
+
+
+def test_flops_estimate_matches_a_hand_computation(wan_report):
+    site = wan_report.rewritten[0]
+    # q [1, 2, 256, 16]; 2x8x16 grid in 4x4 tiles: S = 16 tiles of 16 tokens, no text.
+    # percentile at 0.75 keeps ceil(0.25 * 16 * 16) = 64 tile pairs.
+    dense = 4 * 1 * 2 * 256 * 256 * 16
+    attend = 4 * 1 * 2 * 16 * (16 * 16) * 64
+    draft_map = 2 * (2 * 1 * 2 * 16 * 16 * 16)
+    assert site_flops(site) == (dense, attend + draft_map)
+    totals = wan_report.totals()
+    cross = 4 * 1 * 2 * 256 * 8 * 16  # the two skipped cross-attentions count dense
+    assert totals["attention_flops_dense"] == 2 * dense + 2 * cross
+    assert totals["attention_flops_sparse"] == 2 * (attend + draft_map) + 2 * cross
+    assert 0 < totals["attention_share"] < 1 and totals["graph_flops"] > totals["attention_flops_dense"]
+
+
+def test_op_counts_show_what_was_removed_and_added(wan_report):
+    g = wan_report.graphs[0]
+    sdpa = "torch._C._nn.scaled_dot_product_attention"
+    assert (g.counts_before[sdpa], g.counts_after[sdpa]) == (4, 2)
+    assert g.counts_after["draftopt.block_sparse_attention.default"] == 2
+    assert g.counts_after["draftopt.permute_tiles.default"] == 6
+    assert "draftopt.block_sparse_attention.default" in str(wan_report)
+
+
+def test_json_round_trips(hunyuan_report):
+    text = hunyuan_report.to_json()
+    back = Report.from_json(text)
+    assert back.to_json() == text
+    assert [s.as_dict() for s in back.sites] == [s.as_dict() for s in hunyuan_report.sites]
+    assert back.sites[1].grid == (2, 8, 16) and isinstance(back.sites[1].grid, tuple)
+    data = json.loads(text)
+    assert data["totals"]["rewritten"] == 4 and data["graphs"][0]["config"]["policy"] == "topk"
+    with pytest.raises(ValueError, match="version"):
+        Report.from_json(json.dumps({"version": 99, "graphs": []}))
+
+
+def test_markdown_and_html_list_every_site(hunyuan_report):
+    md, page = hunyuan_report.to_markdown(), hunyuan_report.to_html()
+    assert md.startswith("# draftopt report") and "| graph |" in md.replace("|   graph |", "| graph |")
+    assert page.startswith("<!DOCTYPE html>") and "</html>" in page
+    assert "http" not in page and "<script" not in page  # self-contained
+    for s in hunyuan_report.sites:
+        assert s.name in md and s.name in page
+
+
+def test_code_diff_shows_sdpa_removed_and_draftopt_added(wan_report):
+    diff = wan_report.code_diff()
+    removed = [l for l in diff.splitlines() if l.startswith("-") and "scaled_dot_product_attention" in l]
+    added = [l for l in diff.splitlines() if l.startswith("+") and "torch.ops.draftopt.block_sparse_attention" in l]
+    assert len(removed) == 2 and len(added) == 2
+
+
+def test_report_is_a_torch_trace_artifact(tmp_path):
+    script = ("import torch, draftopt\n"
+              "from tests.models import tiny_wan, wan_inputs\n"
+              "m = draftopt.optimize(tiny_wan(), sparsity=0.5, tile=(4, 4), min_tokens=0, compiler='eager')\n"
+              "with torch.no_grad(): m(**wan_inputs())\n")
+    env = {**os.environ, "TORCH_TRACE": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    logs = "".join(p.read_text() for p in tmp_path.iterdir())
+    assert '"name": "draftopt_report"' in logs and "blocks.0.attn1" in logs
+
+
+def test_captured_masks_and_pictures(tmp_path):
+    torch._dynamo.reset()
+    draftopt.captured_masks(clear=True)
+    model = draftopt.optimize(tiny_hunyuan(), sparsity=0.75, capture_masks=True, **OPTS)
+    with torch.no_grad():
+        model(**hunyuan_inputs())
+    masks = draftopt.captured_masks(clear=True)
+    assert sorted(masks) == ["single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn",
+                             "transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    mask = masks["transformer_blocks.0.attn"][0]
+    assert mask.shape == (2, 2, 16, 16) and mask.draft_map.shape == (2, 2, 16, 16)
+    paths = draftopt.save_mask_images(mask, str(tmp_path / "tb0"), heads=[0, 1], batch=1, pixels_per_block=3)
+    assert len(paths) == 4 and all(os.path.getsize(p) > 0 for p in paths)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(tmp_path / "tb0_b1_h1_mask.png"))[..., :3]
+    blocks = (img[1::3, 1::3] * 255).round().astype(int)  # one pixel per block
+    g = mask.geometry
+    assert blocks.shape[:2] == (g.n_blocks, g.n_blocks)
+    kept = (blocks == [31, 119, 180]).all(-1)
+    skipped = (blocks == [255, 255, 255]).all(-1)
+    text = (blocks == [255, 127, 14]).all(-1)
+    assert np.array_equal(kept[:16, :16], mask.to_dense()[1, 1].numpy())
+    assert np.array_equal(skipped[:16, :16], ~mask.to_dense()[1, 1].numpy())
+    assert text[16:, :].all() and text[:, 16:].all()  # the text block row and column
+
+
+def test_no_capture_node_unless_asked(wan_report):
+    assert "record_mask" not in wan_report.graphs[0].code_after
+
+
+def test_cli_on_the_examples_factory(tmp_path):
+    out = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, "-m", "draftopt", "report", "examples/report_factories.py:toy_dit",
+                          "--format", "json", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = Report.from_json(out.read_text())
+    assert [s.status for s in rep.sites] == ["rewritten", "rewritten"]
+    assert rep.sites[0].grid == (8, 32, 32) and rep.sites[0].text_position == "start"
+    assert "wrote" in res.stdout
+
+
+def test_cli_help_and_errors():
+    res = subprocess.run([sys.executable, "-m", "draftopt", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "report" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "draftopt", "report", "examples/report_factories.py:toy_dit",
+                          "--sparsity", "1.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "sparsity must be a number in [0, 1), got 1.5" in res.stderr
