@@ -114,16 +114,25 @@ def _block_sparse_attn_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
 
 
-def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
+def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
+    """Tile sizes and warps for the attention kernel (see benchmarks/NOTES.md for the sweep)."""
+    fp32 = dtype == torch.float32
+    # Sub-tiles of one BLOCK: 128 x 64 is FlashAttention-2's Hopper shape for
+    # 16-bit D=128; float32 (4-byte operands, no tensor-core dot) halves both.
+    block_m, block_n = (64, 32) if fp32 else (128, 64)
+    block_m, block_n = min(block_m, block), min(block_n, block)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * max(64, head_dim) >= 128 * 128 else 4,
+                num_stages=2)
+
+
+def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, config=None):
     B, H, Lp, D = q.shape
     n_tiles = kv_idx.shape[2]
     out = alloc((B, H, Lp, D), q.dtype, q.device)
     bias = key_bias.expand(B, H, Lp)
     fp32 = q.dtype == torch.float32
-    # Sub-tiles of one BLOCK: 128 x 64 is FlashAttention-2's Hopper shape for
-    # 16-bit D=128; float32 (4-byte operands, no tensor-core dot) halves both.
-    block_m, block_n = (64, 32) if fp32 else (128, 64)
-    block_m, block_n = min(block_m, block), min(block_n, block)
+    cfg = config or launch_config(q.dtype, block, D)
+    block_m = cfg["BLOCK_M"]
     launcher(_block_sparse_attn_kernel)[((n_tiles + n_text_blocks) * (block // block_m), B * H)](
         q, k, v, out, bias, kv_idx, kv_cnt,
         *q.stride(), *k.stride(), *v.stride(),
@@ -132,12 +141,11 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         H, n_tiles, n_text_blocks, D, scale * LOG2E,
-        BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        BLOCK=block, BLOCK_D=max(16, next_pow2(D)),
         # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
         # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
         DOT_PRECISION="tf32x3" if fp32 else "tf32",
-        num_warps=8 if block_m * max(64, D) >= 128 * 128 else 4,
-        num_stages=2,
+        **cfg,
     )
     return out
 

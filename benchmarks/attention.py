@@ -1,0 +1,169 @@
+"""Op-level benchmark: draft attention against every dense and sparse alternative.
+
+    python benchmarks/attention.py [--shapes hunyuan720p ...] [--sparsities 0.5 0.9] [--out DIR]
+
+bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
+
+- dense SDPA with the cuDNN backend, and with the flash backend;
+- FlexAttention, compiled, given draftopt's block mask (selected tiles and text
+  blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
+- draftopt total (all five stages, replayed from a CUDA graph as a compiled
+  model runs them), and each stage on its own.
+
+Columns: median ms (triton.testing.do_bench), speedup over the best dense
+backend, TFLOP/s on the computed blocks (attention rows only), peak extra
+memory. Prints a tabulate table last and writes JSON and CSV to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+from tabulate import tabulate
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from draftopt.kernels import Geometry, draft_attention
+from draftopt.kernels.attention import block_sparse_attention, permuted_key_bias
+from draftopt.kernels.block_mask import indices_to_dense
+from draftopt.kernels.permute import permute_tiles, unpermute_tiles
+from draftopt.kernels.pool import tile_pool
+from draftopt.kernels.select import draft_map, select_blocks
+
+SHAPES = {  # name: (heads, grid, text_len)
+    "wan1.3b-480p": (12, (21, 30, 52), 0),
+    "wan14b-720p": (40, (21, 45, 80), 0),
+    "hunyuan720p": (24, (33, 48, 80), 256),
+}
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph after two warm-ups on a side stream: the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def timed(fn, base_mem: int) -> tuple[float, float]:
+    """(median ms, peak extra GiB over base_mem)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return ms, (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+
+
+def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
+    """draftopt's selection (+ dense text rows/columns) as a FlexAttention BlockMask of full blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, S, _ = kv_idx.shape
+    nb = geom.n_blocks
+    dense = torch.ones(B, H, nb, nb, dtype=torch.bool, device=kv_idx.device)
+    dense[:, :, :S, :S] = indices_to_dense(kv_idx, kv_cnt)
+    full_cnt = dense.sum(-1, dtype=torch.int32)
+    full_idx = torch.sort(dense.to(torch.uint8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    zeros_cnt, zeros_idx = torch.zeros_like(full_cnt), torch.zeros_like(full_idx)
+    return BlockMask.from_kv_blocks(zeros_cnt, zeros_idx, full_cnt, full_idx, BLOCK_SIZE=geom.block), dense
+
+
+def bench_shape(name, sparsities, flex_compiled):
+    heads, grid, text_len = SHAPES[name]
+    geom = Geometry(grid, (8, 16), text_len, "end")
+    L = geom.seq_len
+    q, k, v = (torch.randn(1, heads, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    base = torch.cuda.memory_allocated()
+    dense_flops = 4 * heads * L * L * 128
+    rows = []
+
+    def row(label, sparsity, ms, mem, flops, best):
+        rows.append(dict(shape=name, sparsity=sparsity, row=label, ms=round(ms, 3),
+                         speedup=round(best / ms, 2) if best else None,
+                         tflops=round(flops / ms / 1e9, 1) if flops else None, extra_gib=round(mem, 2)))
+
+    dense = {}
+    for label, backend in [("dense cuDNN", SDPBackend.CUDNN_ATTENTION), ("dense flash", SDPBackend.FLASH_ATTENTION)]:
+        with sdpa_kernel([backend]):
+            dense[label] = timed(lambda: F.scaled_dot_product_attention(q, k, v), base)
+    best = min(ms for ms, _ in dense.values())
+    for label, (ms, mem) in dense.items():
+        row(label, 0.0, ms, mem, dense_flops, best)
+
+    scale = 128 ** -0.5
+    for s in sparsities:
+        # stages on their own (eager launches: each is one or a few kernels)
+        qp_pool, kp_pool = tile_pool(q, geom), tile_pool(k, geom)
+        P = draft_map(qp_pool, kp_pool, scale)
+        kv_idx, kv_cnt = select_blocks(P, s, "percentile")
+        qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
+        bias = permuted_key_bias(None, 1, heads, geom, q.device)
+        out_p = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias, scale=scale)
+        flex_mask, blocks = flex_block_mask(kv_idx, kv_cnt, geom)
+        kept_flops = int(blocks.sum()) * 4 * geom.block * geom.block * 128
+        stages = {
+            "stage pool (q, k)": lambda: (tile_pool(q, geom), tile_pool(k, geom)),
+            "stage draft map": lambda: draft_map(qp_pool, kp_pool, scale),
+            "stage select": lambda: select_blocks(P, s, "percentile"),
+            "stage permute (q, k, v)": lambda: [permute_tiles(t, geom) for t in (q, k, v)],
+            "stage attend": lambda: block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias,
+                                                           scale=scale),
+            "stage unpermute": lambda: unpermute_tiles(out_p, geom),
+        }
+        total = graphed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s))
+        ms, mem = timed(total, base)
+        row("draftopt total (CUDA graph)", s, ms, mem, kept_flops, best)
+        for label, fn in stages.items():
+            ms, mem = timed(fn, base)
+            row(label, s, ms, mem, kept_flops if label == "stage attend" else None, None)
+        if flex_compiled is not None:
+            ms, mem = timed(lambda: flex_compiled(qp, kp, vp, block_mask=flex_mask), base)
+            row("FlexAttention (compiled, same blocks)", s, ms, mem, kept_flops, best)
+        del qp, kp, vp, out_p, P, kv_idx, kv_cnt, flex_mask, blocks
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for name in args.shapes:
+        rows += bench_shape(name, args.sparsities, flex)
+        print(f"done {name}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, D=128, "
+          "policy percentile")
+    print(tabulate([[r["shape"], r["sparsity"], r["row"], r["ms"], r["speedup"] or "", r["tflops"] or "",
+                     r["extra_gib"]] for r in rows],
+                   headers=["shape", "sparsity", "row", "ms", "speedup", "TFLOP/s", "extra GiB"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Launch-config sweep of the block-sparse attention kernel (the attend stage alone).
+
+    python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9]
+
+Times each (BLOCK_M, BLOCK_N, num_warps, num_stages) on one real-model shape,
+checks its output against the default config's, and prints a table sorted by
+time. Results and the chosen default go to benchmarks/NOTES.md.
+"""
+
+import argparse
+
+import torch
+import triton
+from tabulate import tabulate
+
+from draftopt.kernels import Geometry
+from draftopt.kernels.attention import block_sparse_attention_triton, launch_config, permuted_key_bias
+from draftopt.kernels.permute import permute_tiles
+from draftopt.kernels.pool import tile_pool
+from draftopt.kernels.select import draft_map, select_blocks
+
+SHAPES = {"wan1.3b-480p": (12, (21, 30, 52), 0), "wan14b-720p": (40, (21, 45, 80), 0),
+          "hunyuan720p": (24, (33, 48, 80), 256)}
+CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 2),
+           (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 8, 3), (64, 64, 4, 4)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    args = ap.parse_args()
+    heads, grid, text_len = SHAPES[args.shape]
+    g = Geometry(grid, (8, 16), text_len, "end")
+    q, k, v = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = 128 ** -0.5
+    kv_idx, kv_cnt = select_blocks(draft_map(tile_pool(q, g), tile_pool(k, g), scale), args.sparsity, "percentile")
+    qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+    bias = permuted_key_bias(None, 1, heads, g, q.device)
+    pairs = int(kv_cnt.sum()) + heads * (g.n_tiles * g.n_text_blocks + g.n_text_blocks * g.n_blocks)
+    flops = pairs * 4 * g.block * g.block * 128
+    run = lambda cfg: block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, scale, g.block,  # noqa: E731
+                                                    g.n_text_blocks, cfg)
+    want = run(None).float()
+    rows = []
+    for bm, bn, w, s in CONFIGS:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        try:
+            err = ((run(cfg).float() - want).norm() / want.norm()).item()
+            ms = triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=200, return_mode="median")
+            rows.append([bm, bn, w, s, round(ms, 3), round(flops / ms / 1e9, 1), f"{err:.1e}"])
+        except Exception as e:  # e.g. out of shared memory
+            rows.append([bm, bn, w, s, None, None, type(e).__name__])
+    default = launch_config(torch.bfloat16, g.block, 128)
+    print(f"{args.shape} sparsity {args.sparsity}: {pairs} block pairs, {flops / 1e12:.2f} TFLOP; default {default}; "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    rows.sort(key=lambda r: (r[4] is None, r[4]))
+    print(tabulate(rows, headers=["BLOCK_M", "BLOCK_N", "warps", "stages", "ms", "TFLOP/s", "rel err vs default"]))
+
+
+if __name__ == "__main__":
+    main()
