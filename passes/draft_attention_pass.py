@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from .geometry import grid_sources, is_static, n_tokens, text_position_from_graph
+from .parallel import context_parallel_kind, graph_has_collectives
 from .sites import AttentionSite, default_scale, example_value, find_attention_sites
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class SiteRecord:
     sparsity: float | None = None
     policy: str | None = None
     has_mask: bool = False
+    parallel: str = ""  # "ulysses" when the rank's q/k/v arrive through all-to-alls
     node: str = ""
 
     def as_dict(self) -> dict:
@@ -82,6 +84,7 @@ class DraftAttentionPass:
         cfg = self.config
         sites = find_attention_sites(gm.graph)
         sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size) if sites else []
+        self._parallel = graph_has_collectives(gm.graph)
         records, dense_left = [], cfg.dense_layers
         for site in sites:
             rec = SiteRecord(name=site.name, kind=site.kind, node=site.node.name)
@@ -130,6 +133,11 @@ class DraftAttentionPass:
             raise _Skip(f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)")
         if k.shape[2] != q.shape[2] or k.shape != v.shape:
             raise _Skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
+        if self._parallel:
+            rec.parallel, why = context_parallel_kind(site.q, site.k, site.v)
+            if not rec.parallel:
+                rec.parallel = ""
+                raise _Skip(why)
         B, H, L, D = q.shape
         if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
             raise _Skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")

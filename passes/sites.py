@@ -79,6 +79,10 @@ def module_path(n: fx.Node) -> str:
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
+    # hooks (diffusers' context parallel, accelerate) wrap forward in closures:
+    # blocks.0.forward.func.__closure__.0.cell_contents.forward.__self__.attn1 -> blocks.0.attn1
+    path = re.sub(r"\.__closure__\.\d+\.cell_contents", "", path)
+    path = re.sub(r"\.(forward|func|__self__)(?=\.|$)", "", path)
     return path.lstrip(".") or n.name
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from draftopt.kernels import draft_attention
+from draftopt.kernels.select import keep_count
 
 from . import reference as ref
 from .tolerances import assert_close
@@ -47,9 +48,14 @@ def test_sparse_equals_token_masked_dense(device, grid, text_len, pos, B, H, D, 
                                 sparsity=sparsity, policy=policy, return_mask=True)
     allowed = ref.token_mask(mask.to_dense().cpu(), grid, (4, 8), text_len, pos)
     assert_close(out, ref.attention(q.cpu(), k.cpu(), v.cpu(), allowed), torch.float32)
-    if policy != "cdf":  # cdf may keep fewer; the others skip at least about s, minus the diagonal
-        assert mask.sparsity() <= sparsity + 1e-6
-        assert mask.sparsity() >= sparsity - 1.0 / mask.shape[-1] - 0.02
+    S = mask.shape[-1]
+    kept = 1.0 - mask.sparsity()
+    if policy == "percentile":  # the top ceil((1-s)S^2) entries, plus at most S diagonal tiles
+        assert keep_count(sparsity, S * S) / (S * S) - 1e-9 <= kept <= (keep_count(sparsity, S * S) + S) / (S * S)
+    elif policy == "topk":  # exactly ceil((1-s)S) per query tile
+        assert kept == pytest.approx(keep_count(sparsity, S) / S)
+    else:  # cdf: at most the budget per query tile, plus the diagonal
+        assert kept <= (keep_count(sparsity, S) + 1) / S
 
 
 def test_mask_is_the_papers_selection_on_the_draft_map(device):
