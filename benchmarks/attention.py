@@ -28,6 +28,7 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _timing import graphed
 from draftopt.kernels import Geometry, draft_attention
 from draftopt.kernels.attention import block_sparse_attention, permuted_key_bias
 from draftopt.kernels.block_mask import indices_to_dense
@@ -40,20 +41,6 @@ SHAPES = {  # name: (heads, grid, text_len)
     "wan14b-720p": (40, (21, 45, 80), 0),
     "hunyuan720p": (24, (33, 48, 80), 256),
 }
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph after two warm-ups on a side stream: the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def timed(fn, base_mem: int) -> tuple[float, float]:

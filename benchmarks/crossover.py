@@ -17,23 +17,10 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _timing import graphed
 from draftopt.kernels import draft_attention
 
 GRIDS = [(1, 16, 32), (2, 16, 32), (4, 16, 32), (8, 16, 32), (8, 24, 32), (8, 32, 32), (8, 24, 48), (8, 30, 52), (16, 30, 52)]
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after two warm-up runs on a side stream): its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bench(fn):
