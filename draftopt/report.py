@@ -258,7 +258,7 @@ class Report:
         for line in self.code_diff().splitlines():
             cls = "add" if line.startswith("+") else "del" if line.startswith("-") else "hunk" if line.startswith("@@") else ""
             diff_lines.append(f'<span class="{cls}">{html.escape(line)}</span>')
-        body = [f"<h1>draftopt report</h1>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>"
+        body = ["<h1>draftopt report</h1>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>"
                                                              for s in self._summary_lines()) + "</ul>",
                 "<h2>Attention sites</h2>", table(self._site_rows(), self._SITE_HEADERS)]
         for g in self.graphs:

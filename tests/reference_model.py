@@ -7,7 +7,6 @@ goes through ``draftopt.kernels.draft_attention`` (PyTorch reference path on CPU
 
 import contextlib
 
-import torch
 import torch.nn.functional as F
 
 from draftopt.kernels import draft_attention

@@ -10,7 +10,6 @@ from draftopt.kernels.block_mask import indices_to_dense
 from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton
 
 from . import reference as ref
-from .tolerances import assert_close
 
 
 def random_map(B, H, S, device):
