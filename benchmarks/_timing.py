@@ -19,3 +19,19 @@ def graphed(fn):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def wall_ms(fn, cuda: bool, n: int = 5, warmup: int = 2) -> float:
+    """Mean wall-clock ms of fn over n calls after warm-up calls (compiles, CUDA-graph recording)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 from tabulate import tabulate
 
 import draftopt
+from _timing import wall_ms
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on shared hosts
 
@@ -52,29 +52,17 @@ def to(inputs, device):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def timed(fn, cuda: bool, n: int = 5) -> float:
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e3
-
-
 def run_variants(model, inputs, opts, cuda):
     """{name: (ms, output)} for dense Inductor and draftopt at 0 / 0.9."""
     out = {}
     with torch.no_grad():
         dense = torch.compile(model, dynamic=False)
-        out["dense (inductor)"] = (timed(lambda: dense(**inputs), cuda), None)
+        out["dense (inductor)"] = (wall_ms(lambda: dense(**inputs), cuda, warmup=1), None)
         for s in (0.0, 0.9):
             torch._dynamo.reset()
             m = draftopt.optimize(model, sparsity=s, **opts)
             y = m(**inputs)[0]
-            out[f"draftopt {s}"] = (timed(lambda: m(**inputs), cuda) if s else None, y.float().cpu())
+            out[f"draftopt {s}"] = (wall_ms(lambda: m(**inputs), cuda, warmup=1) if s else None, y.float().cpu())
             if s:
                 out["report"] = draftopt.report(m)
     return out

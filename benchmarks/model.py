@@ -13,12 +13,12 @@ per forward and the speedup, a table last.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from tabulate import tabulate
 
 import draftopt
+from _timing import wall_ms
 
 
 def build(layers: int, cpu: bool):
@@ -42,19 +42,6 @@ def build(layers: int, cpu: bool):
     return model, inputs
 
 
-def ms_per_call(fn, cuda: bool, n: int) -> float:
-    for _ in range(2):  # compile + warm-up (CUDA graphs record on the second call)
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e3
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -68,13 +55,13 @@ def main():
     rows = []
     with torch.no_grad():
         dense = torch.compile(model, dynamic=False)
-        t_dense = ms_per_call(lambda: dense(**inputs), not cpu, args.iters)
+        t_dense = wall_ms(lambda: dense(**inputs), not cpu, args.iters)
         rows.append(["dense (inductor)", f"{t_dense:.1f}", "1.00x"])
         variants = [("draftopt", {})] + ([] if cpu else [("draftopt + CUDA graphs", {"mode": "reduce-overhead"})])
         for name, extra in variants:
             torch._dynamo.reset()
             sparse = draftopt.optimize(model, sparsity=args.sparsity, **opts, **extra)
-            t = ms_per_call(lambda: sparse(**inputs), not cpu, args.iters)
+            t = wall_ms(lambda: sparse(**inputs), not cpu, args.iters)
             rows.append([f"{name} {args.sparsity}", f"{t:.1f}", f"{t_dense / t:.2f}x"])
         rep = draftopt.report(sparse)
     device = "CPU smoke" if cpu else torch.cuda.get_device_name()
