@@ -31,16 +31,23 @@ from .geometry import Geometry, permuted_source_index
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
-    stride_kl, stride_kd, stride_vl, stride_vd,
-    offs_n, offs_d, d_ok, qk_scale,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb, k_offs, v_offs,
+    stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax."""
+    """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax.
+
+    ``k_offs`` / ``v_offs`` are the [BLOCK_N, BLOCK_D] element offsets of a tile,
+    computed once per program: a tile costs one scalar row offset, not a
+    [BLOCK_N, BLOCK_D] int64 multiply-add per load.
+    """
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-        keys = kb.to(tl.int64) * BLOCK + n0 + offs_n
-        k = tl.load(K_bh + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
-        bias = tl.load(Bias_bh + keys)
+        row0 = kb.to(tl.int64) * BLOCK + n0
+        if EVEN_D:
+            k = tl.load(K_bh + row0 * stride_kl + k_offs)
+        else:
+            k = tl.load(K_bh + row0 * stride_kl + k_offs, mask=d_ok[None, :], other=0.0)
+        bias = tl.load(Bias_bh + row0 + offs_n)
         # qk_scale and the bias are both in log2 units: exp2 below.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -48,7 +55,10 @@ def _attend_block(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V_bh + keys[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+        if EVEN_D:
+            v = tl.load(V_bh + row0 * stride_vl + v_offs)
+        else:
+            v = tl.load(V_bh + row0 * stride_vl + v_offs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -66,7 +76,7 @@ def _block_sparse_attn_kernel(
     stride_cb, stride_ch,
     n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one query block (BLOCK rows = one tile).
     pid = tl.program_id(0)
@@ -85,6 +95,8 @@ def _block_sparse_attn_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     V_bh = V + b * stride_vb + h * stride_vh
     Bias_bh = Bias + b * stride_bb + h * stride_bh
+    k_offs = offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,14 +111,14 @@ def _block_sparse_attn_kernel(
     for j in range(0, n_keys):
         kb = tl.load(idx_row + j, mask=j < cnt, other=0)
         kb = tl.where(is_text, j, kb)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb,
-                                      stride_kl, stride_kd, stride_vl, stride_vd,
-                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb, k_offs, v_offs,
+                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION)
     # Text key blocks: every query attends to them.
     for t in range(0, n_text_blocks):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, n_tiles + t,
-                                      stride_kl, stride_kd, stride_vl, stride_vd,
-                                      offs_n, offs_d, d_ok, qk_scale, BLOCK, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, n_tiles + t, k_offs, v_offs,
+                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -143,7 +155,7 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         H, n_tiles, n_text_blocks, D, scale * LOG2E,
-        BLOCK=block, BLOCK_D=max(16, next_pow2(D)),
+        BLOCK=block, BLOCK_D=max(16, next_pow2(D)), EVEN_D=D == max(16, next_pow2(D)),
         # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
         # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
         DOT_PRECISION="tf32x3" if fp32 else "tf32",
