@@ -20,6 +20,7 @@ GEOMETRIES = [
     ((1, 8, 16), 7, "end", 3, 1, 64),
     ((1, 8, 16), 77, "start", 1, 3, 96),
     ((1, 8, 16), 256, "end", 2, 3, 64),
+    ((1, 8, 16), 512, "start", 1, 2, 64),  # the longest prompt supported: 4 text blocks
 ]
 GEOM_IDS = [f"{'x'.join(map(str, g))}-text{t}@{p}-B{b}H{h}D{d}" for g, t, p, b, h, d in GEOMETRIES]
 
