@@ -20,7 +20,7 @@ from .block_mask import DraftBlockMask
 from .geometry import Geometry
 from .permute import permute_tiles, unpermute_tiles
 from .pool import tile_pool
-from .select import check_selection_args, draft_map, select_blocks
+from .select import check_selection_args, dense_indices, draft_map, select_blocks
 
 # Register-resident [BLOCK, D] accumulators: beyond 128 the kernel spills.
 MAX_HEAD_DIM = 128
@@ -85,9 +85,7 @@ def draft_attention(
 
     P = None
     if sparsity == 0.0:
-        S = geom.n_tiles
-        kv_idx = torch.arange(S, dtype=torch.int32, device=q.device).expand(B, H, S, S).contiguous()
-        kv_cnt = torch.full((B, H, S), S, dtype=torch.int32, device=q.device)
+        kv_idx, kv_cnt = dense_indices(B, H, geom.n_tiles, q.device)
     else:
         P = draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)

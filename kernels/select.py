@@ -200,10 +200,10 @@ def compact_reference(keep: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.T
     return torch.where(live, order, diag).to(torch.int32), cnt.to(torch.int32)
 
 
-def _dense_indices(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, S, _ = P.shape
-    idx = torch.arange(S, dtype=torch.int32, device=P.device).expand(B, H, S, S).contiguous()
-    return idx, torch.full((B, H, S), S, dtype=torch.int32, device=P.device)
+def dense_indices(B: int, H: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_idx, kv_cnt) that keep every tile: what any policy selects at sparsity 0."""
+    idx = torch.arange(S, dtype=torch.int32, device=device).expand(B, H, S, S).contiguous()
+    return idx, torch.full((B, H, S), S, dtype=torch.int32, device=device)
 
 
 @triton_op("draftopt::select_blocks", mutates_args=())
@@ -212,7 +212,7 @@ def _select_blocks_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, S, _ = P.shape
     if sparsity == 0.0:
-        return _dense_indices(P)
+        return dense_indices(B, H, S, P.device)
     if policy == "topk":
         idx = _topk_indices(P, sparsity)
         return idx, torch.full((B, H, S), idx.shape[-1], dtype=torch.int32, device=P.device)

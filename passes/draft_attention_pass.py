@@ -27,8 +27,6 @@ from .sites import AttentionSite, default_scale, example_value, find_attention_s
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 128
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
@@ -113,7 +111,10 @@ class DraftAttentionPass:
 
     # -- eligibility and geometry ------------------------------------------------------
     def _plan(self, site: AttentionSite, rec: SiteRecord, sources):
-        from draftopt.kernels import Geometry  # the ops' geometry type (no Triton involved)
+        # The ops' own geometry type, limits and mask check: one definition of what they accept.
+        from draftopt.kernels import Geometry, check_key_padding_mask
+        from draftopt.kernels._common import SUPPORTED_DTYPES
+        from draftopt.kernels.draft_attention import MAX_HEAD_DIM
 
         cfg = self.config
         q, k, v = (example_value(n) for n in (site.q, site.k, site.v))
@@ -134,10 +135,10 @@ class DraftAttentionPass:
         if k.shape[2] != q.shape[2] or k.shape != v.shape:
             raise _Skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
         if self._parallel:
-            rec.parallel, why = context_parallel_kind(site.q, site.k, site.v)
-            if not rec.parallel:
-                rec.parallel = ""
+            kind, why = context_parallel_kind(site.q, site.k, site.v)
+            if kind is None:
                 raise _Skip(why)
+            rec.parallel = kind
         B, H, L, D = q.shape
         if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
             raise _Skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
@@ -150,9 +151,10 @@ class DraftAttentionPass:
             m = example_value(site.mask)
             if m is None or not is_static(m.shape):
                 raise _Skip("attention mask without a static shape")
-            full = (1,) * (4 - m.dim()) + tuple(m.shape)
-            if m.dim() > 4 or full[2] != 1 or full[3] != L or full[0] not in (1, B) or full[1] not in (1, H):
-                raise _Skip(f"mask of shape {tuple(m.shape)} is not a key padding mask (query dim must be 1)")
+            try:
+                check_key_padding_mask(tuple(m.shape), B, H, L)
+            except ValueError as e:
+                raise _Skip(str(e)) from None
         # geometry
         grid, source = self._grid_for(L, B, sources)
         rec.grid, rec.grid_source = grid, source
