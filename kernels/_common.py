@@ -24,6 +24,19 @@ def launcher(kernel):
     return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
+def ensure_triton_allocator() -> None:
+    """Give Triton a scratch allocator (torch's caching allocator) unless the user set one.
+
+    Kernels that build TMA tensor descriptors on the device need a little global
+    scratch memory at launch; Triton asks its allocator, which is unset by default.
+    """
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on ``t`` runs its Triton kernel (CUDA) or its PyTorch path (anything else)."""
     return t.device.type == "cuda"

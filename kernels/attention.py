@@ -24,42 +24,57 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import LOG2E, alloc, check_dtype, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
+from ._common import LOG2E, alloc, check_dtype, ensure_triton_allocator, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
 from .block_mask import indices_to_dense
 from .geometry import Geometry, permuted_source_index
 
 
 @triton.jit
+def _load_tile(Ptr, desc, row0, offs, d_ok, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile starting at row ``row0``: by TMA from a tensor descriptor, or by pointers."""
+    if USE_TMA:
+        return desc.load([row0.to(tl.int32), 0])
+    elif EVEN_D:
+        return tl.load(Ptr + offs)
+    else:
+        return tl.load(Ptr + offs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb, k_offs, v_offs,
+    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, kb, k_offs, v_offs,
     stride_kl, stride_vl, offs_n, d_ok, qk_scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    APPLY_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax.
 
     ``k_offs`` / ``v_offs`` are the [BLOCK_N, BLOCK_D] element offsets of a tile,
-    computed once per program: a tile costs one scalar row offset, not a
-    [BLOCK_N, BLOCK_D] int64 multiply-add per load.
+    computed once per program: a tile costs one scalar row offset. Without a
+    bias the scale is folded into one multiply-add per score (as FlashAttention
+    does); with one, a row whose keys are all masked so far keeps m = -inf and
+    contributes nothing.
     """
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
         row0 = kb.to(tl.int64) * BLOCK + n0
-        if EVEN_D:
-            k = tl.load(K_bh + row0 * stride_kl + k_offs)
+        k = _load_tile(K_bh + row0 * stride_kl, desc_k, bh_row0 + row0, k_offs, d_ok, EVEN_D, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if APPLY_BIAS:
+            # qk_scale and the bias are both in log2 units: exp2 below.
+            bias = tl.load(Bias_bh + row0 + offs_n)
+            s = qk * qk_scale + bias[None, :] * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
         else:
-            k = tl.load(K_bh + row0 * stride_kl + k_offs, mask=d_ok[None, :], other=0.0)
-        bias = tl.load(Bias_bh + row0 + offs_n)
-        # qk_scale and the bias are both in log2 units: exp2 below.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EVEN_D:
-            v = tl.load(V_bh + row0 * stride_vl + v_offs)
-        else:
-            v = tl.load(V_bh + row0 * stride_vl + v_offs, mask=d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = _load_tile(V_bh + row0 * stride_vl, desc_v, bh_row0 + row0, v_offs, d_ok, EVEN_D, USE_TMA)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -74,9 +89,10 @@ def _block_sparse_attn_kernel(
     stride_bb, stride_bh,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
-    n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
+    n_heads, n_tiles, n_text_blocks, head_dim, qk_scale, seq_rows, total_rows,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, VISUAL_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one query block (BLOCK rows = one tile).
     pid = tl.program_id(0)
@@ -97,6 +113,16 @@ def _block_sparse_attn_kernel(
     Bias_bh = Bias + b * stride_bb + h * stride_bh
     k_offs = offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
     v_offs = offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    if USE_TMA:
+        # K, V contiguous [B, heads, Lp, D] seen as [B * heads * Lp, D]; the host checked it.
+        desc_k = tl.make_tensor_descriptor(K, shape=[total_rows, BLOCK_D], strides=[BLOCK_D, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[total_rows, BLOCK_D], strides=[BLOCK_D, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        desc_k = K
+        desc_v = V
+    bh_row0 = bh.to(tl.int64) * seq_rows  # first row of this (batch, head) in the 2-D view
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -108,17 +134,17 @@ def _block_sparse_attn_kernel(
     cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + row)
     n_keys = tl.where(is_text, n_tiles, cnt)
     idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
-    for j in range(0, n_keys):
+    for j in tl.range(0, n_keys, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(idx_row + j, mask=j < cnt, other=0)
         kb = tl.where(is_text, j, kb)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, kb, k_offs, v_offs,
-                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION)
-    # Text key blocks: every query attends to them.
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, kb,
+                                      k_offs, v_offs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, VISUAL_BIAS, USE_TMA)
+    # Text key blocks: every query attends to them; their bias (padding, key mask) always applies.
     for t in range(0, n_text_blocks):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, n_tiles + t, k_offs, v_offs,
-                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, n_tiles + t,
+                                      k_offs, v_offs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, USE_TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -136,16 +162,22 @@ def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
     block_m, block_n, stages = (64, 32, 2) if fp32 else (128, 128, 3)
     block_m, block_n = min(block_m, block), min(block_n, block)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * max(64, head_dim) >= 128 * 128 else 4,
-                num_stages=stages)
+                num_stages=stages, USE_TMA=False, WARP_SPECIALIZE=False)
 
 
-def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, config=None):
+def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, config=None,
+                                  visual_bias=True):
     B, H, Lp, D = q.shape
     n_tiles = kv_idx.shape[2]
     out = alloc((B, H, Lp, D), q.dtype, q.device)
     bias = key_bias.expand(B, H, Lp)
     fp32 = q.dtype == torch.float32
-    cfg = config or launch_config(q.dtype, block, D)
+    cfg = dict(launch_config(q.dtype, block, D), **(config or {}))
+    if cfg["USE_TMA"]:
+        if k.is_contiguous() and v.is_contiguous() and D == next_pow2(D) and D >= 16 and B * H * Lp < 2**31:
+            ensure_triton_allocator()
+        else:
+            cfg["USE_TMA"] = False
     block_m = cfg["BLOCK_M"]
     launcher(_block_sparse_attn_kernel)[((n_tiles + n_text_blocks) * (block // block_m), B * H)](
         q, k, v, out, bias, kv_idx, kv_cnt,
@@ -154,11 +186,11 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
         bias.stride(0), bias.stride(1),
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
-        H, n_tiles, n_text_blocks, D, scale * LOG2E,
+        H, n_tiles, n_text_blocks, D, scale * LOG2E, Lp, B * H * Lp,
         BLOCK=block, BLOCK_D=max(16, next_pow2(D)), EVEN_D=D == max(16, next_pow2(D)),
         # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
         # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
-        DOT_PRECISION="tf32x3" if fp32 else "tf32",
+        DOT_PRECISION="tf32x3" if fp32 else "tf32", VISUAL_BIAS=visual_bias,
         **cfg,
     )
     return out
@@ -182,10 +214,12 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
 @triton_op("draftopt::block_sparse_attention", mutates_args=())
 def _block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
-    key_bias: torch.Tensor, scale: float, block: int, n_text_blocks: int,
+    key_bias: torch.Tensor, scale: float, block: int, n_text_blocks: int, visual_bias: bool = True,
 ) -> torch.Tensor:
-    impl = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
-    return impl(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
+    if use_triton(q):
+        return block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
+                                             visual_bias=visual_bias)
+    return block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
 
 
 make_inference_only(_block_sparse_attention_op, "block_sparse_attention")
@@ -193,11 +227,15 @@ make_inference_only(_block_sparse_attention_op, "block_sparse_attention")
 
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
-    geom, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
+    geom, *, key_bias: torch.Tensor | None = None, scale: float | None = None, visual_bias: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on tile-major q, k, v [B, heads, Lp, D] (see the module doc).
 
     ``key_bias`` defaults to 0 for real tokens and -inf for padding rows.
+    ``visual_bias``: whether ``key_bias`` may be nonzero on visual key tiles. The
+    kernel skips the bias add on those tiles when it is False (text blocks always
+    get it). Default: True when ``key_bias`` is given, else whether the geometry
+    has padding rows in edge tiles.
     """
 
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
@@ -212,11 +250,13 @@ def block_sparse_attention(
     if use_triton(q):
         check_dtype("q", q)
     refuse_grad("block_sparse_attention", q, k, v)
+    if visual_bias is None:
+        visual_bias = key_bias is not None or geom.has_visual_padding
     if key_bias is None:
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
     scale = D ** -0.5 if scale is None else float(scale)
     return torch.ops.draftopt.block_sparse_attention(
-        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks)
+        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, bool(visual_bias))
 
 
 # -- key bias: an SDPA key padding mask in the tile-major layout -------------------------

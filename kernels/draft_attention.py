@@ -92,7 +92,9 @@ def draft_attention(
 
     bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
     qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
-    out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale), geom)
+    out = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
+                                 visual_bias=attn_mask is not None or geom.has_visual_padding)
+    out = unpermute_tiles(out, geom)
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out

@@ -98,6 +98,12 @@ class Geometry:
         return self.grid[0] * nh * nw
 
     @property
+    def has_visual_padding(self) -> bool:
+        """Whether edge tiles hold padding rows (H or W not a multiple of the tile)."""
+        (_, H, W), (th, tw) = self.grid, self.tile
+        return H % th != 0 or W % tw != 0
+
+    @property
     def block(self) -> int:
         return self.tile[0] * self.tile[1]
 

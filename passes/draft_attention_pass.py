@@ -217,8 +217,10 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
                           cfg.policy, float(cfg.sparsity))
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
         qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
+        # The bias add is skipped on visual key tiles when nothing can mask them.
+        visual_bias = site.mask is not None or geom.has_visual_padding
         out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
-                   geom.block, geom.n_text_blocks)
+                   geom.block, geom.n_text_blocks, visual_bias)
         result = call(ops.unpermute_tiles.default, out, *g)
     for n in new_nodes:
         n.meta.update({key: site.node.meta[key] for key in _COPIED_META if key in site.node.meta})

@@ -36,7 +36,7 @@ def expected(q, k, v, g, kv_idx, kv_cnt, key_keep):
     return ref.attention(q.cpu(), k.cpu(), v.cpu(), allowed, key_keep.cpu())
 
 
-def run_case(device, g, B, H, D, dtype, density, impl):
+def run_case(device, g, B, H, D, dtype, density, impl, config=None, visual_bias=True):
     q, k, v = (torch.randn(B, H, g.seq_len, D, device=device).to(dtype) for _ in range(3))
     kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, density, device)
     key_keep = torch.ones(B, g.seq_len, dtype=torch.bool, device=device)
@@ -46,7 +46,8 @@ def run_case(device, g, B, H, D, dtype, density, impl):
     bias = key_bias_for(g, key_keep, device)
     with poison_outputs():
         if impl == "triton":
-            out_p = block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, D**-0.5, g.block, g.n_text_blocks)
+            out_p = block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, D**-0.5, g.block, g.n_text_blocks,
+                                                  config, visual_bias)
         else:
             out_p = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, g, key_bias=bias)
     out = unpermute_tiles(out_p, g)
@@ -64,6 +65,21 @@ def test_kernel_matches_float64(device, g, B, H, D, dtype):
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("triton's CPU interpreter computes tl.dot on bfloat16 wrongly (triton 3.9); checked on GPU")
     run_case(device, g, B, H, D, dtype, 0.4, "triton")
+
+
+VARIANTS = {"pointers": {}, "tma": {"USE_TMA": True}, "warp-specialized": {"WARP_SPECIALIZE": True},
+            "tma+ws": {"USE_TMA": True, "WARP_SPECIALIZE": True}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kernel_variants_without_visual_bias(device, variant, dtype):
+    """Tiles with no padding and no mask on visual keys: the kernel's bias-free path (and TMA / WS loops)."""
+    if INTERPRETED and (variant != "pointers" or dtype == torch.bfloat16):
+        pytest.skip("TMA, warp specialization and bf16 tl.dot run on the GPU only")
+    g = Geometry((2, 8, 32), (8, 16), 40, "end")
+    assert not g.has_visual_padding
+    run_case(device, g, 2, 2, 64, dtype, 0.4, "triton", VARIANTS[variant], visual_bias=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
