@@ -38,6 +38,9 @@ class DraftConfig:
         enabled: False compiles the graph unchanged (the dense steps of ``draftopt.dense``).
         capture_masks: record every call's block mask (``draftopt.captured_masks()``); for
             inspection and pictures, off by default (no cost when off).
+        fuse_permute: one kernel reads each tile of q, k, v in place and writes the output
+            rows back to their places (stages 3-5 fused, ``draftopt::tiled_attention``);
+            False keeps separate permute / attention / unpermute ops (for comparison).
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -61,6 +64,7 @@ class DraftConfig:
     compiler: str = "inductor"
     enabled: bool = True
     capture_masks: bool = False
+    fuse_permute: bool = True
 
     def __post_init__(self):
         check_selection_args(self.sparsity, self.policy, self.cdf_threshold)

@@ -177,12 +177,13 @@ class Report:
                     s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
                     "x".join(map(str, s.tile)) if s.tile else "-", s.n_tiles if s.n_tiles is not None else "-", text,
                     s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
-                    s.parallel or "-", s.status, s.reason or "-",
+                    s.parallel or "-", ("fused" if s.fused else "separate")
+                    if s.status == "rewritten" else "-", s.status, s.reason or "-",
                 ])
         return rows
 
     _SITE_HEADERS = ["graph", "site", "kind", "q BxHxLxD", "kv L", "grid", "tile", "S", "text", "policy",
-                     "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "status", "reason"]
+                     "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "permute", "status", "reason"]
     _OP_HEADERS = ["op", "before", "after", "change"]
 
     def _summary_lines(self) -> list[str]:

@@ -14,12 +14,14 @@ op                                          stage
 ``torch.ops.draftopt.key_bias``             4 key padding mask -> tile-major bias
 ``torch.ops.draftopt.block_sparse_attention`` 4 flash attention over selected tiles
 ``torch.ops.draftopt.unpermute_tiles``      5 tile-major -> original order
+``torch.ops.draftopt.tiled_attention``      3-5 fused: tiles addressed in place
 ==========================================  ==========================================
 
 ``draft_attention`` runs all five. Importing this package registers the ops.
 """
 
-from .attention import block_sparse_attention, check_key_padding_mask, key_padding_bias, permuted_key_bias
+from .attention import (block_sparse_attention, check_key_padding_mask, key_padding_bias, permuted_key_bias,
+                        tiled_attention)
 from .block_mask import DraftBlockMask
 from .capture import captured_masks
 from .draft_attention import draft_attention
@@ -32,5 +34,5 @@ __all__ = [
     "Geometry", "DraftBlockMask", "POLICIES",
     "tile_pool", "draft_map", "select_blocks", "permute_tiles", "unpermute_tiles",
     "block_sparse_attention", "captured_masks", "draft_attention", "key_padding_bias", "permuted_key_bias",
-    "check_key_padding_mask",
+    "check_key_padding_mask", "tiled_attention",
 ]

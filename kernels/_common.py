@@ -24,19 +24,6 @@ def launcher(kernel):
     return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
-def ensure_triton_allocator() -> None:
-    """Give Triton a scratch allocator (torch's caching allocator) unless the user set one.
-
-    Kernels that build TMA tensor descriptors on the device need a little global
-    scratch memory at launch; Triton asks its allocator, which is unset by default.
-    """
-    from triton.runtime import _allocation
-
-    current = _allocation._allocator.get()
-    if isinstance(current, _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on ``t`` runs its Triton kernel (CUDA) or its PyTorch path (anything else)."""
     return t.device.type == "cuda"
@@ -89,6 +76,14 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if _POISON:
         out.fill_(float("nan") if dtype.is_floating_point else _INT_POISON)
+    return out
+
+
+def alloc_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like (same strides where ``t`` is dense), poisoned like ``alloc``."""
+    out = torch.empty_like(t)
+    if _POISON:
+        out.fill_(float("nan") if t.dtype.is_floating_point else _INT_POISON)
     return out
 
 

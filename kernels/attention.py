@@ -24,44 +24,58 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import LOG2E, alloc, check_dtype, ensure_triton_allocator, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
+from ._common import LOG2E, alloc, alloc_like, check_dtype, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
 from .block_mask import indices_to_dense
-from .geometry import Geometry, permuted_source_index
+from .geometry import Geometry, original_to_permuted_index, permuted_source_index
+from .permute import gather_rows_reference
 
 
 @triton.jit
-def _load_tile(Ptr, desc, row0, offs, d_ok, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] tile starting at row ``row0``: by TMA from a tensor descriptor, or by pointers."""
-    if USE_TMA:
-        return desc.load([row0.to(tl.int32), 0])
-    elif EVEN_D:
-        return tl.load(Ptr + offs)
+def _token_rows(Src, prow0, offs, GATHER: tl.constexpr):
+    """Rows ``prow0 + offs`` of the tile-major layout -> rows of q/k/v in memory (int64; -1: padding).
+
+    Tile-major inputs (GATHER False) hold them in order; original-order inputs
+    are addressed in place through ``Src`` (``permuted_source_index``).
+    """
+    if GATHER:
+        return tl.load(Src + prow0 + offs).to(tl.int64)
     else:
-        return tl.load(Ptr + offs, mask=d_ok[None, :], other=0.0)
+        return (prow0 + offs).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(Base, rows, stride_l, stride_d, offs_d, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """[len(rows), BLOCK_D] rows of a [L, D] matrix; padding rows (-1) read as zeros when ROW_MASK."""
+    ptrs = Base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
+    if ROW_MASK:
+        return tl.load(ptrs, mask=(rows >= 0)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
 
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, kb, k_offs, v_offs,
-    stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, kb, offs_n, offs_d, d_ok,
+    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    APPLY_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+    APPLY_BIAS: tl.constexpr, GATHER: tl.constexpr, ROW_MASK: tl.constexpr,
 ):
     """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax.
 
-    ``k_offs`` / ``v_offs`` are the [BLOCK_N, BLOCK_D] element offsets of a tile,
-    computed once per program: a tile costs one scalar row offset. Without a
-    bias the scale is folded into one multiply-add per score (as FlashAttention
-    does); with one, a row whose keys are all masked so far keeps m = -inf and
-    contributes nothing.
+    Without a bias the scale is folded into one multiply-add per score (as
+    FlashAttention does); with one, a row whose keys are all masked so far
+    keeps m = -inf and contributes nothing.
     """
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-        row0 = kb.to(tl.int64) * BLOCK + n0
-        k = _load_tile(K_bh + row0 * stride_kl, desc_k, bh_row0 + row0, k_offs, d_ok, EVEN_D, USE_TMA)
+        prow0 = kb.to(tl.int64) * BLOCK + n0
+        rows = _token_rows(Src, prow0, offs_n, GATHER)
+        k = _load_rows(K_bh, rows, stride_kl, stride_kd, offs_d, d_ok, ROW_MASK, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if APPLY_BIAS:
             # qk_scale and the bias are both in log2 units: exp2 below.
-            bias = tl.load(Bias_bh + row0 + offs_n)
+            bias = tl.load(Bias_bh + prow0 + offs_n)
             s = qk * qk_scale + bias[None, :] * 1.4426950408889634
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
@@ -72,7 +86,7 @@ def _attend_block(
             p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(V_bh + row0 * stride_vl, desc_v, bh_row0 + row0, v_offs, d_ok, EVEN_D, USE_TMA)
+        v = _load_rows(V_bh, rows, stride_vl, stride_vd, offs_d, d_ok, ROW_MASK, EVEN_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -81,48 +95,37 @@ def _attend_block(
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, Out, Bias, KvIdx, KvCnt,
+    Q, K, V, Out, Bias, KvIdx, KvCnt, Src,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_ob, stride_oh, stride_ol,
+    stride_ob, stride_oh, stride_ol, stride_od,
     stride_bb, stride_bh,
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
-    n_heads, n_tiles, n_text_blocks, head_dim, qk_scale, seq_rows, total_rows,
+    n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, VISUAL_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, VISUAL_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, VISUAL_PAD: tl.constexpr, TEXT_PAD: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one query block (BLOCK rows = one tile).
+    # GATHER: q, k, v, out in the original token order, tiles addressed in place
+    # through Src; VISUAL_PAD / TEXT_PAD: whether such blocks hold padding rows.
     pid = tl.program_id(0)
     pid_m = pid // (BLOCK // BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=d_ok[None, :], other=0.0)
+    q_rows = _token_rows(Src, pid.to(tl.int64) * BLOCK_M, tl.arange(0, BLOCK_M), GATHER)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_ql, stride_qd, offs_d, d_ok, GATHER, EVEN_D)
     K_bh = K + b * stride_kb + h * stride_kh
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     V_bh = V + b * stride_vb + h * stride_vh
     Bias_bh = Bias + b * stride_bb + h * stride_bh
-    k_offs = offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
-    v_offs = offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
-    if USE_TMA:
-        # K, V contiguous [B, heads, Lp, D] seen as [B * heads * Lp, D]; the host checked it.
-        desc_k = tl.make_tensor_descriptor(K, shape=[total_rows, BLOCK_D], strides=[BLOCK_D, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[total_rows, BLOCK_D], strides=[BLOCK_D, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        desc_k = K
-        desc_v = V
-    bh_row0 = bh.to(tl.int64) * seq_rows  # first row of this (batch, head) in the 2-D view
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,22 +137,26 @@ def _block_sparse_attn_kernel(
     cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + row)
     n_keys = tl.where(is_text, n_tiles, cnt)
     idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
-    for j in tl.range(0, n_keys, warp_specialize=WARP_SPECIALIZE):
+    for j in range(0, n_keys):
         kb = tl.load(idx_row + j, mask=j < cnt, other=0)
         kb = tl.where(is_text, j, kb)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, kb,
-                                      k_offs, v_offs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, VISUAL_BIAS, USE_TMA)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, kb, offs_n, offs_d, d_ok,
+                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, VISUAL_BIAS, GATHER,
+                                      GATHER and VISUAL_PAD)
     # Text key blocks: every query attends to them; their bias (padding, key mask) always applies.
     for t in range(0, n_text_blocks):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, desc_k, desc_v, bh_row0, n_tiles + t,
-                                      k_offs, v_offs, stride_kl, stride_vl, offs_n, d_ok, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, USE_TMA)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, n_tiles + t, offs_n, offs_d, d_ok,
+                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, GATHER, GATHER and TEXT_PAD)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ol + offs_d[None, :] * stride_od
+    if GATHER:  # padding rows have no place in the original order
+        tl.store(o_ptrs, out, mask=(q_rows >= 0)[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out, mask=d_ok[None, :])
 
 
 def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
@@ -162,38 +169,39 @@ def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
     block_m, block_n, stages = (64, 32, 2) if fp32 else (128, 128, 3)
     block_m, block_n = min(block_m, block), min(block_n, block)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * max(64, head_dim) >= 128 * 128 else 4,
-                num_stages=stages, USE_TMA=False, WARP_SPECIALIZE=False)
+                num_stages=stages)
+
+
+def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, src, config):
+    B, H, _, D = q.shape
+    bias = key_bias.expand(B, H, geom.padded_len)
+    cfg = dict(launch_config(q.dtype, geom.block, D), **(config or {}))
+    block_d = max(16, next_pow2(D))
+    launcher(_block_sparse_attn_kernel)[(geom.n_blocks * (geom.block // cfg["BLOCK_M"]), B * H)](
+        q, k, v, out, bias, kv_idx, kv_cnt, src if src is not None else kv_cnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        bias.stride(0), bias.stride(1),
+        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        H, geom.n_tiles, geom.n_text_blocks, D, scale * LOG2E,
+        BLOCK=geom.block, BLOCK_D=block_d, EVEN_D=D == block_d,
+        # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
+        # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", VISUAL_BIAS=bool(visual_bias),
+        GATHER=src is not None, VISUAL_PAD=geom.has_visual_padding, TEXT_PAD=geom.text_len % geom.block != 0,
+        **cfg,
+    )
+    return out
 
 
 def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, config=None,
                                   visual_bias=True):
+    """Tile-major q, k, v [B, H, Lp, D] -> tile-major output."""
     B, H, Lp, D = q.shape
-    n_tiles = kv_idx.shape[2]
+    # Only the block counts matter for tile-major input: a stand-in geometry with the same blocks.
+    geom = Geometry((1, kv_idx.shape[2], block), (1, block), n_text_blocks * block)
     out = alloc((B, H, Lp, D), q.dtype, q.device)
-    bias = key_bias.expand(B, H, Lp)
-    fp32 = q.dtype == torch.float32
-    cfg = dict(launch_config(q.dtype, block, D), **(config or {}))
-    if cfg["USE_TMA"]:
-        if k.is_contiguous() and v.is_contiguous() and D == next_pow2(D) and D >= 16 and B * H * Lp < 2**31:
-            ensure_triton_allocator()
-        else:
-            cfg["USE_TMA"] = False
-    block_m = cfg["BLOCK_M"]
-    launcher(_block_sparse_attn_kernel)[((n_tiles + n_text_blocks) * (block // block_m), B * H)](
-        q, k, v, out, bias, kv_idx, kv_cnt,
-        *q.stride(), *k.stride(), *v.stride(),
-        out.stride(0), out.stride(1), out.stride(2),
-        bias.stride(0), bias.stride(1),
-        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        H, n_tiles, n_text_blocks, D, scale * LOG2E, Lp, B * H * Lp,
-        BLOCK=block, BLOCK_D=max(16, next_pow2(D)), EVEN_D=D == max(16, next_pow2(D)),
-        # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
-        # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
-        DOT_PRECISION="tf32x3" if fp32 else "tf32", VISUAL_BIAS=visual_bias,
-        **cfg,
-    )
-    return out
+    return _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, None, config)
 
 
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
@@ -257,6 +265,77 @@ def block_sparse_attention(
     scale = D ** -0.5 if scale is None else float(scale)
     return torch.ops.draftopt.block_sparse_attention(
         q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, bool(visual_bias))
+
+
+# -- stages 3-5 fused: tiles addressed in place ------------------------------------------
+def tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias=True, config=None):
+    """Original-order q, k, v [B, H, L, D] -> output in the original order, with q's strides."""
+    src = permuted_source_index(geom, q.device).to(torch.int32)
+    return _launch(q, k, v, alloc_like(q), kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, src, config)
+
+
+def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom):
+    """The unfused stages: permute, block-sparse attention, unpermute."""
+    qp, kp, vp = (gather_rows_reference(t, permuted_source_index(geom, t.device)) for t in (q, k, v))
+    out_p = block_sparse_attention_reference(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.block,
+                                             geom.n_text_blocks)
+    out = alloc_like(q)
+    out.copy_(gather_rows_reference(out_p, original_to_permuted_index(geom, q.device)))
+    return out
+
+
+@triton_op("draftopt::tiled_attention", mutates_args=())
+def _tiled_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    key_bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int, tw: int, text_len: int,
+    text_first: bool, visual_bias: bool,
+) -> torch.Tensor:
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    if use_triton(q):
+        return tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
+    return tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom)
+
+
+make_inference_only(_tiled_attention_op, "tiled_attention")
+
+
+def tiled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    geom, *, key_bias: torch.Tensor | None = None, scale: float | None = None, visual_bias: bool | None = None,
+) -> torch.Tensor:
+    """Stages 3-5 in one kernel: block-sparse attention on q, k, v in the original token order.
+
+    Same result as ``unpermute_tiles(block_sparse_attention(permute_tiles(q), ...))``
+    without the permuted copies: the kernel reads each tile's rows where they
+    are (any strides, e.g. SDPA's transposed [B, L, heads, D] views) and writes
+    the output rows to their original places. ``key_bias`` is in the tile-major
+    layout (``permuted_key_bias``); ``visual_bias`` as for ``block_sparse_attention``.
+
+    Example:
+        >>> g = Geometry((2, 16, 16), (8, 16))
+        >>> q, k, v = (torch.randn(1, 2, g.seq_len, 64) for _ in range(3))
+        >>> kv_idx, kv_cnt = select_blocks(draft_map(tile_pool(q, g), tile_pool(k, g), 0.125), 0.5)
+        >>> tiled_attention(q, k, v, kv_idx, kv_cnt, g).shape
+        torch.Size([1, 2, 512, 64])
+    """
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, L, D = q.shape
+    geom.check_seq_len(L, "q")
+    if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
+        raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
+                         f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
+    if use_triton(q):
+        check_dtype("q", q)
+    refuse_grad("tiled_attention", q, k, v)
+    if visual_bias is None:
+        visual_bias = key_bias is not None or geom.has_visual_padding
+    if key_bias is None:
+        key_bias = permuted_key_bias(None, B, H, geom, q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    return torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
+                                              bool(visual_bias))
 
 
 # -- key bias: an SDPA key padding mask in the tile-major layout -------------------------

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from ._common import check_dtype, refuse_grad, use_triton
-from .attention import block_sparse_attention, permuted_key_bias
+from .attention import permuted_key_bias, tiled_attention
 from .block_mask import DraftBlockMask
 from .geometry import Geometry
-from .permute import permute_tiles, unpermute_tiles
 from .pool import tile_pool
 from .select import check_selection_args, dense_indices, draft_map, select_blocks
 
@@ -91,10 +90,9 @@ def draft_attention(
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
     bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
-    qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
-    out = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
-                                 visual_bias=attn_mask is not None or geom.has_visual_padding)
-    out = unpermute_tiles(out, geom)
+    # Stages 3-5 in one kernel: tiles addressed in place, no permuted copies.
+    out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
+                          visual_bias=attn_mask is not None or geom.has_visual_padding)
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out

@@ -51,6 +51,7 @@ class SiteRecord:
     policy: str | None = None
     has_mask: bool = False
     parallel: str = ""  # "ulysses" when the rank's q/k/v arrive through all-to-alls
+    fused: bool = False  # permute, attention and unpermute in one kernel (tiles addressed in place)
     node: str = ""
 
     def as_dict(self) -> dict:
@@ -102,6 +103,7 @@ class DraftAttentionPass:
                 continue
             _rewrite(gm.graph, site, geom, scale, cfg)
             rec.status = "rewritten"
+            rec.fused = bool(cfg.fuse_permute)
             self.counters["rewritten"] += 1
             log.info("draftopt: rewrote %s (%s)", rec.name, geom)
         if self.counters["rewritten"]:
@@ -216,12 +218,16 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
             kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, site.name, [int(a) for a in g],
                           cfg.policy, float(cfg.sparsity))
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
-        qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
         # The bias add is skipped on visual key tiles when nothing can mask them.
         visual_bias = site.mask is not None or geom.has_visual_padding
-        out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
-                   geom.block, geom.n_text_blocks, visual_bias)
-        result = call(ops.unpermute_tiles.default, out, *g)
+        if cfg.fuse_permute:
+            result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
+                          visual_bias)
+        else:
+            qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
+            out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
+                       geom.block, geom.n_text_blocks, visual_bias)
+            result = call(ops.unpermute_tiles.default, out, *g)
     for n in new_nodes:
         n.meta.update({key: site.node.meta[key] for key in _COPIED_META if key in site.node.meta})
         n.meta["draftopt_site"] = site.name

@@ -71,9 +71,10 @@ def test_op_counts_show_what_was_removed_and_added(wan_report):
     g = wan_report.graphs[0]
     sdpa = "torch._C._nn.scaled_dot_product_attention"
     assert (g.counts_before[sdpa], g.counts_after[sdpa]) == (4, 2)
-    assert g.counts_after["draftopt.block_sparse_attention.default"] == 2
-    assert g.counts_after["draftopt.permute_tiles.default"] == 6
-    assert "draftopt.block_sparse_attention.default" in str(wan_report)
+    assert g.counts_after["draftopt.tiled_attention.default"] == 2  # permutes fused (the default)
+    assert "draftopt.permute_tiles.default" not in g.counts_after
+    assert "draftopt.tiled_attention.default" in str(wan_report)
+    assert all(s.fused for s in wan_report.sites if s.status == "rewritten")
 
 
 def test_json_round_trips(hunyuan_report):
@@ -100,7 +101,7 @@ def test_markdown_and_html_list_every_site(hunyuan_report):
 def test_code_diff_shows_sdpa_removed_and_draftopt_added(wan_report):
     diff = wan_report.code_diff()
     removed = [l for l in diff.splitlines() if l.startswith("-") and "scaled_dot_product_attention" in l]
-    added = [l for l in diff.splitlines() if l.startswith("+") and "torch.ops.draftopt.block_sparse_attention" in l]
+    added = [l for l in diff.splitlines() if l.startswith("+") and "torch.ops.draftopt.tiled_attention" in l]
     assert len(removed) == 2 and len(added) == 2
 
 
