@@ -31,51 +31,47 @@ from .permute import gather_rows_reference
 
 
 @triton.jit
-def _token_rows(Src, prow0, offs, GATHER: tl.constexpr):
-    """Rows ``prow0 + offs`` of the tile-major layout -> rows of q/k/v in memory (int64; -1: padding).
-
-    Tile-major inputs (GATHER False) hold them in order; original-order inputs
-    are addressed in place through ``Src`` (``permuted_source_index``).
-    """
-    if GATHER:
-        return tl.load(Src + prow0 + offs).to(tl.int64)
-    else:
-        return (prow0 + offs).to(tl.int64)
-
-
-@triton.jit
-def _load_rows(Base, rows, stride_l, stride_d, offs_d, d_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
-    """[len(rows), BLOCK_D] rows of a [L, D] matrix; padding rows (-1) read as zeros when ROW_MASK."""
-    ptrs = Base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
-    if ROW_MASK:
-        return tl.load(ptrs, mask=(rows >= 0)[:, None] & d_ok[None, :], other=0.0)
-    elif EVEN_D:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+def _tile_origin(kb, nw, nhw, th, tw, Hg, Wg, vis_off):
+    """Visual tile ``kb`` in the original order: (token row of its first row, rows and columns left in the frame)."""
+    t = kb // nhw
+    i = (kb % nhw) // nw
+    j = kb % nw
+    base = vis_off + t.to(tl.int64) * Hg * Wg + (i * th).to(tl.int64) * Wg + j * tw
+    return base, Hg - i * th, Wg - j * tw
 
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, kb, offs_n, offs_d, d_ok,
-    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+    acc, l_i, m_i, q, K_blk, V_blk, k_offs, v_offs, Bias_blk, step, pa, pb, a_step, lim_a, lim_b,
+    stride_kl, stride_vl, offs_n, d_ok, qk_scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    APPLY_BIAS: tl.constexpr, GATHER: tl.constexpr, ROW_MASK: tl.constexpr,
+    APPLY_BIAS: tl.constexpr, ROW_MASK: tl.constexpr,
 ):
-    """Fold key block ``kb`` (BLOCK keys, BLOCK_N at a time) into the running softmax.
+    """Fold one key block (BLOCK keys, BLOCK_N at a time) into the running softmax.
 
-    Without a bias the scale is folded into one multiply-add per score (as
-    FlashAttention does); with one, a row whose keys are all masked so far
-    keeps m = -inf and contributes nothing.
+    ``K_blk`` / ``V_blk`` point at the block's first row and ``k_offs`` / ``v_offs``
+    are its rows' offsets, computed once per program, so a block costs one
+    scalar base: sub-tile ``n`` starts ``n * step`` rows later. With ROW_MASK a
+    row is real where ``pa + n * a_step < lim_a`` and ``pb < lim_b`` (a tile's
+    box clipped by the frame edge, or the end of the text). Without a bias the
+    scale is folded into one multiply-add per score (as FlashAttention does);
+    with one, a row whose keys are all masked so far keeps m = -inf.
     """
     for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-        prow0 = kb.to(tl.int64) * BLOCK + n0
-        rows = _token_rows(Src, prow0, offs_n, GATHER)
-        k = _load_rows(K_bh, rows, stride_kl, stride_kd, offs_d, d_ok, ROW_MASK, EVEN_D)
+        shift = (n0 // BLOCK_N) * step
+        kp = K_blk + shift * stride_kl + k_offs
+        vp = V_blk + shift * stride_vl + v_offs
+        if ROW_MASK:
+            ok = ((pa + (n0 // BLOCK_N) * a_step < lim_a) & (pb < lim_b))[:, None] & d_ok[None, :]
+            k = tl.load(kp, mask=ok, other=0.0)
+        elif EVEN_D:
+            k = tl.load(kp)
+        else:
+            k = tl.load(kp, mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if APPLY_BIAS:
             # qk_scale and the bias are both in log2 units: exp2 below.
-            bias = tl.load(Bias_bh + prow0 + offs_n)
+            bias = tl.load(Bias_blk + n0 + offs_n)
             s = qk * qk_scale + bias[None, :] * 1.4426950408889634
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
@@ -86,7 +82,12 @@ def _attend_block(
             p = tl.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(V_bh, rows, stride_vl, stride_vd, offs_d, d_ok, ROW_MASK, EVEN_D)
+        if ROW_MASK:
+            v = tl.load(vp, mask=ok, other=0.0)
+        elif EVEN_D:
+            v = tl.load(vp)
+        else:
+            v = tl.load(vp, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -95,7 +96,7 @@ def _attend_block(
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, Out, Bias, KvIdx, KvCnt, Src,
+    Q, K, V, Out, Bias, KvIdx, KvCnt,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -104,13 +105,15 @@ def _block_sparse_attn_kernel(
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
     n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
+    Hg, Wg, th, tw, nw, nhw, vis_off, text_off, text_len,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, VISUAL_BIAS: tl.constexpr,
-    GATHER: tl.constexpr, VISUAL_PAD: tl.constexpr, TEXT_PAD: tl.constexpr,
+    IN_PLACE: tl.constexpr, VISUAL_PAD: tl.constexpr, TEXT_PAD: tl.constexpr,
 ):
     # One program: BLOCK_M query rows of one query block (BLOCK rows = one tile).
-    # GATHER: q, k, v, out in the original token order, tiles addressed in place
-    # through Src; VISUAL_PAD / TEXT_PAD: whether such blocks hold padding rows.
+    # IN_PLACE: q, k, v, out in the original token order ([B, heads, L, D], any
+    # strides), each tile read where it lies (tile-major layout: see geometry.py);
+    # else tile-major copies. VISUAL_PAD / TEXT_PAD: such blocks hold padding rows.
     pid = tl.program_id(0)
     pid_m = pid // (BLOCK // BLOCK_M)
     bh = tl.program_id(1)
@@ -119,9 +122,39 @@ def _block_sparse_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
+    is_text = pid_m >= n_tiles
 
-    q_rows = _token_rows(Src, pid.to(tl.int64) * BLOCK_M, tl.arange(0, BLOCK_M), GATHER)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_ql, stride_qd, offs_d, d_ok, GATHER, EVEN_D)
+    # Row offsets inside a key block, computed once: contiguous rows (tile-major
+    # blocks, text) and a tile's box in the original layout (th rows of tw tokens, W apart).
+    cont_k = offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
+    cont_v = offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    if IN_PLACE:
+        pa = offs_n // tw
+        pb = offs_n % tw
+        box_k = (pa * Wg + pb)[:, None] * stride_kl + offs_d[None, :] * stride_kd
+        box_v = (pa * Wg + pb)[:, None] * stride_vl + offs_d[None, :] * stride_vd
+        a_step = BLOCK_N // tw
+        box_step = a_step * Wg
+    else:
+        pa = offs_n
+        pb = offs_n * 0
+        box_k = cont_k
+        box_v = cont_v
+        a_step = BLOCK_N
+        box_step = BLOCK_N
+
+    # This program's query rows, and where they live.
+    r = (pid % (BLOCK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IN_PLACE:
+        tb = pid_m - n_tiles
+        vbase, lim_a, lim_b = _tile_origin(tl.minimum(pid_m, n_tiles - 1), nw, nhw, th, tw, Hg, Wg, vis_off)
+        q_rows = tl.where(is_text, text_off + tb.to(tl.int64) * BLOCK + r, vbase + (r // tw) * Wg + r % tw)
+        q_ok = tl.where(is_text, tb * BLOCK + r < text_len, (r // tw < lim_a) & (r % tw < lim_b))
+    else:
+        q_rows = pid_m.to(tl.int64) * BLOCK + r
+        q_ok = r < BLOCK
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     K_bh = K + b * stride_kb + h * stride_kh
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     V_bh = V + b * stride_vb + h * stride_vh
@@ -132,7 +165,6 @@ def _block_sparse_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Visual key tiles: the selected list for a visual query tile, all tiles for text.
-    is_text = pid_m >= n_tiles
     row = tl.minimum(pid_m, n_tiles - 1)
     cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + row)
     n_keys = tl.where(is_text, n_tiles, cnt)
@@ -140,23 +172,30 @@ def _block_sparse_attn_kernel(
     for j in range(0, n_keys):
         kb = tl.load(idx_row + j, mask=j < cnt, other=0)
         kb = tl.where(is_text, j, kb)
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, kb, offs_n, offs_d, d_ok,
-                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, VISUAL_BIAS, GATHER,
-                                      GATHER and VISUAL_PAD)
+        if IN_PLACE:
+            base, ka, kc = _tile_origin(kb, nw, nhw, th, tw, Hg, Wg, vis_off)
+        else:
+            base, ka, kc = kb.to(tl.int64) * BLOCK, BLOCK, 1
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh + base * stride_kl, V_bh + base * stride_vl,
+                                      box_k, box_v, Bias_bh + kb * BLOCK, box_step, pa, pb, a_step, ka, kc,
+                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, VISUAL_BIAS, IN_PLACE and VISUAL_PAD)
     # Text key blocks: every query attends to them; their bias (padding, key mask) always applies.
     for t in range(0, n_text_blocks):
-        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh, V_bh, Bias_bh, Src, n_tiles + t, offs_n, offs_d, d_ok,
-                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, GATHER, GATHER and TEXT_PAD)
+        if IN_PLACE:
+            base = text_off + tl.cast(t, tl.int64) * BLOCK
+        else:
+            base = (n_tiles + tl.cast(t, tl.int64)) * BLOCK
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh + base * stride_kl, V_bh + base * stride_vl,
+                                      cont_k, cont_v, Bias_bh + (n_tiles + t) * BLOCK, BLOCK_N, offs_n, offs_n * 0,
+                                      BLOCK_N, text_len - t * BLOCK, 1,
+                                      stride_kl, stride_vl, offs_n, d_ok, qk_scale,
+                                      BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, IN_PLACE and TEXT_PAD)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_safe[:, None]).to(Out.dtype.element_ty)
     o_ptrs = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ol + offs_d[None, :] * stride_od
-    if GATHER:  # padding rows have no place in the original order
-        tl.store(o_ptrs, out, mask=(q_rows >= 0)[:, None] & d_ok[None, :])
-    else:
-        tl.store(o_ptrs, out, mask=d_ok[None, :])
+    tl.store(o_ptrs, out, mask=q_ok[:, None] & d_ok[None, :])
 
 
 def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
@@ -172,23 +211,27 @@ def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
                 num_stages=stages)
 
 
-def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, src, config):
+def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, in_place, config):
     B, H, _, D = q.shape
     bias = key_bias.expand(B, H, geom.padded_len)
     cfg = dict(launch_config(q.dtype, geom.block, D), **(config or {}))
+    (_, Hg, Wg), (th, tw), (_, nw) = geom.grid, geom.tile, geom.tiles_hw
+    if in_place:  # sub-tiles of whole tile rows: each starts a fixed number of rows later
+        cfg["BLOCK_N"] = max(cfg["BLOCK_N"], tw)
     block_d = max(16, next_pow2(D))
     launcher(_block_sparse_attn_kernel)[(geom.n_blocks * (geom.block // cfg["BLOCK_M"]), B * H)](
-        q, k, v, out, bias, kv_idx, kv_cnt, src if src is not None else kv_cnt,
+        q, k, v, out, bias, kv_idx, kv_cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bias.stride(0), bias.stride(1),
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         H, geom.n_tiles, geom.n_text_blocks, D, scale * LOG2E,
+        Hg, Wg, th, tw, nw, geom.tiles_hw[0] * nw, geom.visual_offset, geom.text_offset, geom.text_len,
         BLOCK=geom.block, BLOCK_D=block_d, EVEN_D=D == block_d,
         # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain
         # "ieee" dots compiled for 35 s per shape on the H100 and ran off tensor cores).
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", VISUAL_BIAS=bool(visual_bias),
-        GATHER=src is not None, VISUAL_PAD=geom.has_visual_padding, TEXT_PAD=geom.text_len % geom.block != 0,
+        IN_PLACE=in_place, VISUAL_PAD=geom.has_visual_padding, TEXT_PAD=geom.text_len % geom.block != 0,
         **cfg,
     )
     return out
@@ -198,10 +241,21 @@ def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, bloc
                                   visual_bias=True):
     """Tile-major q, k, v [B, H, Lp, D] -> tile-major output."""
     B, H, Lp, D = q.shape
-    # Only the block counts matter for tile-major input: a stand-in geometry with the same blocks.
-    geom = Geometry((1, kv_idx.shape[2], block), (1, block), n_text_blocks * block)
+    # Tile-major input: only the block counts matter; a stand-in geometry with the same blocks.
+    geom = _BlockCounts(kv_idx.shape[2], n_text_blocks, block)
     out = alloc((B, H, Lp, D), q.dtype, q.device)
-    return _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, None, config)
+    return _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, False, config)
+
+
+class _BlockCounts:
+    """The Geometry attributes ``_launch`` reads, for tile-major inputs (no grid needed)."""
+
+    def __init__(self, n_tiles, n_text_blocks, block):
+        self.n_tiles, self.n_text_blocks, self.block = n_tiles, n_text_blocks, block
+        self.n_blocks, self.padded_len = n_tiles + n_text_blocks, (n_tiles + n_text_blocks) * block
+        self.grid, self.tile, self.tiles_hw = (1, 1, block), (1, block), (1, 1)
+        self.visual_offset = self.text_offset = self.text_len = 0
+        self.has_visual_padding = False
 
 
 def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
@@ -270,8 +324,7 @@ def block_sparse_attention(
 # -- stages 3-5 fused: tiles addressed in place ------------------------------------------
 def tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias=True, config=None):
     """Original-order q, k, v [B, H, L, D] -> output in the original order, with q's strides."""
-    src = permuted_source_index(geom, q.device).to(torch.int32)
-    return _launch(q, k, v, alloc_like(q), kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, src, config)
+    return _launch(q, k, v, alloc_like(q), kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, True, config)
 
 
 def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom):

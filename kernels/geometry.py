@@ -9,10 +9,12 @@ The *permuted* (tile-major) layout used by the sparse kernel is::
 
     [tile 0 | tile 1 | ... | tile S-1 | text block 0 | ... ]   each BLOCK rows
 
-Inside a tile the real tokens come first (row-major over the tile's real
-rows and columns) and padding follows, so a partial tile at the right or
-bottom edge is "valid prefix + padding". Text tokens keep their order and are
-padded to whole blocks.
+Inside a tile, row ``a * tw + b`` holds the token at tile row ``a``, column
+``b`` (the tile's box in row-major order); in a partial tile at the right or
+bottom edge the positions that fall outside the grid are padding rows. So
+every tile's rows sit at fixed offsets from its first token, and the
+attention kernel can address a tile in place with one scalar base per tile.
+Text tokens keep their order and are padded to whole blocks.
 
 Example:
     >>> g = Geometry((3, 13, 27), tile=(8, 16), text_len=7, text_position="start")
@@ -166,15 +168,12 @@ def permuted_source_index(geom: Geometry, device=None) -> torch.Tensor:
     th, tw = geom.tile
     nh, nw = geom.tiles_hw
     blk = geom.block
-    s = torch.arange(geom.n_tiles, device=device)
+    s = torch.arange(geom.n_tiles, device=device)[:, None]
     t, hi, wi = s // (nh * nw), (s // nw) % nh, s % nw
-    rows = torch.clamp(H - hi * th, max=th)  # real rows / columns of each tile
-    cols = torch.clamp(W - wi * tw, max=tw)
     r = torch.arange(blk, device=device)[None, :]
-    valid = r < (rows * cols)[:, None]
-    row, col = r // cols[:, None], r % cols[:, None]
-    src = geom.visual_offset + t[:, None] * (H * W) + (hi[:, None] * th + row) * W + wi[:, None] * tw + col
-    vis = torch.where(valid, src, -1).reshape(-1)
+    h, w = hi * th + r // tw, wi * tw + r % tw  # the token's row and column in its frame
+    src = geom.visual_offset + t * (H * W) + h * W + w
+    vis = torch.where((h < H) & (w < W), src, -1).reshape(-1)
     j = torch.arange(geom.n_text_blocks * blk, device=device)
     text = torch.where(j < geom.text_len, geom.text_offset + j, -1)
     return torch.cat([vis, text])
@@ -190,9 +189,8 @@ def original_to_permuted_index(geom: Geometry, device=None) -> torch.Tensor:
     j = torch.arange(geom.n_visual, device=device)
     t, h, w = j // (H * W), (j // W) % H, j % W
     hi, wi = h // th, w // tw
-    cols = torch.clamp(W - wi * tw, max=tw)
     tile = t * (nh * nw) + hi * nw + wi
-    vis = tile * geom.block + (h - hi * th) * cols + (w - wi * tw)
+    vis = tile * geom.block + (h - hi * th) * tw + (w - wi * tw)
     text = geom.n_tiles * geom.block + torch.arange(geom.text_len, device=device)
     return torch.cat([text, vis] if geom.text_position == "start" else [vis, text])
 

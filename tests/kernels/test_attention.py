@@ -95,7 +95,8 @@ def test_kernel_without_visual_bias(device, impl, dtype):
     (Geometry((2, 5, 9), (4, 4), 21, "start"), 2, 2, 64),
     (Geometry((1, 7, 6), (4, 4), 0, "end"), 1, 3, 96),
     (Geometry((1, 8, 16), (8, 16), 20, "end"), 1, 1, 64),
-], ids=["text-start", "no-text-d96", "block128"])
+    (Geometry((1, 5, 70), (2, 64), 10, "end"), 1, 2, 32),  # tiles wider than a float32 sub-tile
+], ids=["text-start", "no-text-d96", "block128", "wide-tile"])
 def test_tiled_kernel_matches_float64(device, g, B, H, D, layout, dtype):
     """Stages 3-5 fused: tiles read in place from original-order q, k, v (contiguous or transposed)."""
     if INTERPRETED and dtype == torch.bfloat16:

@@ -22,14 +22,23 @@ def test_permutation_is_a_bijection_onto_real_rows(g):
     assert src.numel() == g.padded_len and inv.numel() == g.seq_len
     assert torch.equal(src[inv], torch.arange(g.seq_len))
     assert int((src >= 0).sum()) == g.seq_len
-    # every block holds tokens of exactly one tile (or text), real tokens first
+    # every block holds tokens of exactly one tile (or text); a tile's row a * tw + b
+    # holds the token at (a, b) of its box, text blocks hold their tokens first
     ids = ref.tile_of_tokens(g.grid, g.tile, g.text_len, g.text_position)
     blocks = src.reshape(g.n_blocks, g.block)
+    (_, H, W), (th, tw) = g.grid, g.tile
+    r = torch.arange(g.block)
     for b in range(g.n_blocks):
         real = blocks[b][blocks[b] >= 0]
-        assert torch.all(blocks[b][: real.numel()] >= 0)
         want = b if b < g.n_tiles else -1
         assert torch.all(ids[real] == want)
+        if b < g.n_tiles:
+            tok = blocks[b] - g.visual_offset
+            h, w = (tok // W) % H, tok % W
+            ok = blocks[b] >= 0
+            assert torch.equal(h[ok] % th, (r // tw)[ok]) and torch.equal(w[ok] % tw, (r % tw)[ok])
+        else:
+            assert torch.all(blocks[b][: real.numel()] >= 0)
 
 
 @pytest.mark.parametrize("g", GEOMETRIES, ids=str)
