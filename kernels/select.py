@@ -15,12 +15,9 @@ per (batch, head, query tile) the key tiles to compute, ascending:
   reaches ``cdf_threshold``, at most ``ceil((1-s)*S)`` of them; K = S.
 
 Every policy also keeps the diagonal (a tile always sees itself, so no row is
-ever empty), and ``sparsity == 0`` keeps everything. On CUDA, "percentile"
-finds each head's threshold by a Triton radix select (the k-th largest entry's
-bits, three streaming passes) and compacts ``P >= threshold`` directly; entries
-tied with the threshold are all kept. "topk" and "cdf" rank with torch.topk /
-torch.sort on the device. Nothing synchronizes with the host; turning the
-kept set into index lists is a Triton prefix-sum compaction.
+ever empty), and ``sparsity == 0`` keeps everything. The ranking runs on
+torch.topk / torch.sort on the device (no host sync); turning the kept set
+into index lists is a Triton prefix-sum compaction.
 
 Example:
     >>> from draftopt.kernels import draft_map, select_blocks
@@ -164,69 +161,16 @@ def _topk_indices(P: torch.Tensor, sparsity: float) -> torch.Tensor:
     return idx.sort(dim=-1).values.to(torch.int32)
 
 
-# -- percentile on the GPU: the k-th largest entry by radix select ------------------
-@triton.jit
-def _digit_pass(Row, n, prefix, need, SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One radix digit: among entries whose bits above SHIFT + NBITS equal ``prefix``, the digit
-    (bits SHIFT.. SHIFT + NBITS) of the ``need``-th largest; returns (longer prefix, rank left)."""
-    NB: tl.constexpr = 1 << NBITS
-    bins = tl.arange(0, NB)
-    hist = tl.zeros([NB], dtype=tl.int32)
-    for c0 in range(0, n, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        bits = tl.load(Row + offs, mask=offs < n, other=0.0).to(tl.int32, bitcast=True)
-        bits = tl.maximum(bits, 0)  # P >= 0: its bit patterns order like its values
-        match = (offs < n) & ((bits >> (SHIFT + NBITS)) == prefix)
-        hist += tl.histogram(tl.where(match, (bits >> SHIFT) & (NB - 1), 0), NB)
-        hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)  # they went to bin 0
-    at_least = tl.cumsum(hist, axis=0, reverse=True)  # entries with digit >= bin
-    digit = tl.max(tl.where(at_least >= need, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins == digit, at_least - hist, 0), axis=0)
-    return (prefix << NBITS) | digit, need - above
-
-
-@triton.jit
-def _kth_largest_kernel(P, Tau, n, k, BLOCK: tl.constexpr):
-    """Tau[r] = the bit pattern of the k-th largest of P[r, :n] (float32 >= 0): 11 + 11 + 9 bits."""
-    row = tl.program_id(0).to(tl.int64)
-    prefix, need = _digit_pass(P + row * n, n, 0, k, 20, 11, BLOCK)
-    prefix, need = _digit_pass(P + row * n, n, prefix, need, 9, 11, BLOCK)
-    prefix, need = _digit_pass(P + row * n, n, prefix, need, 0, 9, BLOCK)
-    tl.store(Tau + row, prefix)
-
-
-def percentile_threshold_triton(P: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per (batch, head): the bits of the ``keep_count(sparsity, S*S)``-th largest entry, int32 [B, H].
-
-    Replaces torch.topk over S*S entries (0.69 ms for select at HunyuanVideo
-    720p on an H100, most of it topk): three streaming passes per head.
-    """
-    B, H, S, _ = P.shape
-    tau = alloc((B, H), torch.int32, P.device)
-    launcher(_kth_largest_kernel)[(B * H,)](P, tau, S * S, keep_count(sparsity, S * S), BLOCK=4096)
-    return tau
-
-
 # -- compaction: kept set -> ascending index lists ----------------------------------
 @triton.jit
-def _compact_kernel(Keep, Tau, Idx, Cnt, S, K, BLOCK_C: tl.constexpr, FROM_THRESHOLD: tl.constexpr):
-    """Row r of Keep [rows, S] -> Idx[r, :cnt] = kept columns ascending, rest = diagonal.
-
-    FROM_THRESHOLD: Keep is the float32 draft map and an entry is kept when its
-    bits reach Tau[r // S] (its head's percentile threshold) or it is the diagonal.
-    """
+def _compact_kernel(Keep, Idx, Cnt, S, K, BLOCK_C: tl.constexpr):
+    """Row r of Keep [rows, S] -> Idx[r, :cnt] = kept columns ascending, rest = diagonal."""
     row = tl.program_id(0).to(tl.int64)
     diag = (row % S).to(tl.int32)
-    if FROM_THRESHOLD:
-        tau = tl.load(Tau + row // S)
     count = 0
     for c0 in range(0, S, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
-        if FROM_THRESHOLD:
-            bits = tl.load(Keep + row * S + offs, mask=offs < S, other=0.0).to(tl.int32, bitcast=True)
-            keep = ((offs < S) & ((bits >= tau) | (offs == diag))).to(tl.int32)
-        else:
-            keep = tl.load(Keep + row * S + offs, mask=offs < S, other=0).to(tl.int32)
+        keep = tl.load(Keep + row * S + offs, mask=offs < S, other=0).to(tl.int32)
         pos = count + tl.cumsum(keep, axis=0) - keep
         tl.store(Idx + row * K + pos, offs.to(tl.int32), mask=(keep != 0) & (pos < K))
         count += tl.sum(keep, axis=0)
@@ -243,18 +187,7 @@ def compact_triton(keep: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tens
     keep_u8 = keep.to(torch.uint8)  # Inductor cannot lower a bool -> uint8 view
     idx = alloc((B, H, S, K), torch.int32, keep.device)
     cnt = alloc((B, H, S), torch.int32, keep.device)
-    launcher(_compact_kernel)[(B * H * S,)](keep_u8, cnt, idx, cnt, S, K, BLOCK_C=min(1024, next_pow2(S)),
-                                            FROM_THRESHOLD=False)
-    return idx, cnt
-
-
-def compact_threshold_triton(P: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index lists of the entries of P whose bits reach tau [B, H], plus the diagonal; K = S."""
-    B, H, S, _ = P.shape
-    idx = alloc((B, H, S, S), torch.int32, P.device)
-    cnt = alloc((B, H, S), torch.int32, P.device)
-    launcher(_compact_kernel)[(B * H * S,)](P, tau, idx, cnt, S, S, BLOCK_C=min(1024, next_pow2(S)),
-                                            FROM_THRESHOLD=True)
+    launcher(_compact_kernel)[(B * H * S,)](keep_u8, idx, cnt, S, K, BLOCK_C=min(1024, next_pow2(S)))
     return idx, cnt
 
 
@@ -283,9 +216,6 @@ def _select_blocks_op(
     if policy == "topk":
         idx = _topk_indices(P, sparsity)
         return idx, torch.full((B, H, S), idx.shape[-1], dtype=torch.int32, device=P.device)
-    if policy == "percentile" and use_triton(P):
-        P = P.contiguous()
-        return compact_threshold_triton(P, percentile_threshold_triton(P, sparsity))
     keep = _keep_percentile(P, sparsity) if policy == "percentile" else _keep_cdf(P, sparsity, cdf_threshold)
     return compact_triton(keep, S) if use_triton(P) else compact_reference(keep, S)
 

@@ -7,8 +7,7 @@ from torch.library import opcheck
 from draftopt.kernels import DraftBlockMask, Geometry, draft_map, select_blocks
 from draftopt.kernels._common import poison_outputs
 from draftopt.kernels.block_mask import indices_to_dense
-from draftopt.kernels.select import (compact_reference, compact_threshold_triton, compact_triton, draft_map_triton,
-                                     keep_count, percentile_threshold_triton)
+from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton
 
 from . import reference as ref
 
@@ -85,25 +84,6 @@ def test_sparsity_zero_keeps_everything(device, policy):
     P = random_map(1, 2, 9, device)
     kv_idx, kv_cnt = select_blocks(P, 0.0, policy)
     assert kept(kv_idx, kv_cnt).all()
-
-
-@pytest.mark.parametrize("S, sparsity", [(7, 0.5), (40, 0.9), (99, 0.95)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_radix_select_percentile_kernels(device, S, sparsity, ties):
-    """The Triton percentile path: k-th largest by radix select, then compaction of P >= it (+ diagonal)."""
-    P = random_map(2, 3, S, device)
-    if ties:  # few distinct values, zeros among them: every entry tied with the threshold is kept
-        P = (P * 8).floor() / 8
-    with poison_outputs():
-        tau = percentile_threshold_triton(P, sparsity)
-        kv_idx, kv_cnt = compact_threshold_triton(P, tau)
-    flat = P.cpu().double().reshape(2, 3, S * S)
-    kth = flat.sort(dim=-1, descending=True).values[..., keep_count(sparsity, S * S) - 1]
-    assert torch.equal(tau.cpu().view(torch.float32).double(), kth)
-    want = (P.cpu().double() >= kth[..., None, None]) | torch.eye(S, dtype=torch.bool)
-    assert torch.equal(kept(kv_idx, kv_cnt), want)
-    if not ties:
-        assert torch.equal(want, ref.percentile_keep(P.cpu(), sparsity))
 
 
 @pytest.mark.parametrize("K", [64, 5])
