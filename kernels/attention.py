@@ -198,14 +198,15 @@ def _block_sparse_attn_kernel(
     tl.store(o_ptrs, out, mask=q_ok[:, None] & d_ok[None, :])
 
 
-def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
-    """Tile sizes and warps for the attention kernel (see benchmarks/NOTES.md for the sweep)."""
+def launch_config(dtype: torch.dtype, block: int, head_dim: int, in_place: bool = False) -> dict:
+    """Tile sizes and warps for the attention kernel (see benchmarks/NOTES.md for the sweeps)."""
     fp32 = dtype == torch.float32
     # 16-bit: a whole 128-token tile per step, 8 warps, 3 stages was the fastest of
     # ten configs on an H100 (HunyuanVideo 720p at 0.9: 57.4 ms vs 62.6 ms for
-    # 128 x 64 x 2 stages; Wan 480p 3.00 vs 3.37 ms). float32 (4-byte operands)
-    # halves the tiles to stay within registers and shared memory.
-    block_m, block_n, stages = (64, 32, 2) if fp32 else (128, 128, 3)
+    # 128 x 64 x 2 stages; Wan 480p 3.00 vs 3.37 ms). Tiles addressed in place
+    # (more registers for addresses) ran best with 2 stages: 53.7 vs 55.4 ms.
+    # float32 (4-byte operands) halves the tiles to stay within registers and shared memory.
+    block_m, block_n, stages = (64, 32, 2) if fp32 else (128, 128, 2 if in_place else 3)
     block_m, block_n = min(block_m, block), min(block_n, block)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * max(64, head_dim) >= 128 * 128 else 4,
                 num_stages=stages)
@@ -214,7 +215,7 @@ def launch_config(dtype: torch.dtype, block: int, head_dim: int) -> dict:
 def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, in_place, config):
     B, H, _, D = q.shape
     bias = key_bias.expand(B, H, geom.padded_len)
-    cfg = dict(launch_config(q.dtype, geom.block, D), **(config or {}))
+    cfg = dict(launch_config(q.dtype, geom.block, D, in_place), **(config or {}))
     (_, Hg, Wg), (th, tw), (_, nw) = geom.grid, geom.tile, geom.tiles_hw
     if in_place:  # sub-tiles of whole tile rows: each starts a fixed number of rows later
         cfg["BLOCK_N"] = max(cfg["BLOCK_N"], tw)
