@@ -39,8 +39,9 @@ class DraftConfig:
         capture_masks: record every call's block mask (``draftopt.captured_masks()``); for
             inspection and pictures, off by default (no cost when off).
         fuse_permute: one kernel reads each tile of q, k, v in place and writes the output
-            rows back to their places (stages 3-5 fused, ``draftopt::tiled_attention``);
-            False keeps separate permute / attention / unpermute ops (for comparison).
+            rows back to their places (stages 3-5 fused, ``draftopt::tiled_attention``) where
+            that is faster: grids the tiles cover exactly (``kernels.attention.fuse_pays``).
+            False always keeps separate permute / attention / unpermute ops.
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity

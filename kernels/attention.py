@@ -338,6 +338,17 @@ def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom):
     return out
 
 
+def fuse_pays(geom) -> bool:
+    """Whether addressing tiles in place beats permuted copies for this geometry.
+
+    Measured on an H100 (bf16, sparsity 0.9, BENCHMARKS.md): with no padding rows
+    the fused kernel saves the permutes (HunyuanVideo 720p: 54.1 ms vs 55.3 + 2.4);
+    when edge tiles hold padding rows its masked loads cost more than the copies
+    (Wan2.1-14B 720p: 37.4 ms vs 33.1 + 2.4).
+    """
+    return not geom.has_visual_padding
+
+
 @triton_op("draftopt::tiled_attention", mutates_args=())
 def _tiled_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,

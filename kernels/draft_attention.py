@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ._common import check_dtype, refuse_grad, use_triton
-from .attention import permuted_key_bias, tiled_attention
+from .attention import block_sparse_attention, fuse_pays, permuted_key_bias, tiled_attention
+from .permute import permute_tiles, unpermute_tiles
 from .block_mask import DraftBlockMask
 from .geometry import Geometry
 from .pool import tile_pool
@@ -90,9 +91,13 @@ def draft_attention(
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
     bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
-    # Stages 3-5 in one kernel: tiles addressed in place, no permuted copies.
-    out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
-                          visual_bias=attn_mask is not None or geom.has_visual_padding)
+    visual_bias = attn_mask is not None or geom.has_visual_padding
+    if fuse_pays(geom):  # stages 3-5 in one kernel: tiles addressed in place, no permuted copies
+        out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale, visual_bias=visual_bias)
+    else:
+        qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
+        out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
+                                                     visual_bias=visual_bias), geom)
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out

@@ -103,7 +103,7 @@ class DraftAttentionPass:
                 continue
             _rewrite(gm.graph, site, geom, scale, cfg)
             rec.status = "rewritten"
-            rec.fused = bool(cfg.fuse_permute)
+            rec.fused = _fused(cfg, geom)
             self.counters["rewritten"] += 1
             log.info("draftopt: rewrote %s (%s)", rec.name, geom)
         if self.counters["rewritten"]:
@@ -195,6 +195,12 @@ class DraftAttentionPass:
         raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried))
 
 
+def _fused(cfg, geom) -> bool:
+    from draftopt.kernels.attention import fuse_pays
+
+    return bool(cfg.fuse_permute) and fuse_pays(geom)
+
+
 def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> None:
     """Insert the five stages before the site and route its users to the result."""
     ops = torch.ops.draftopt
@@ -220,7 +226,7 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
         # The bias add is skipped on visual key tiles when nothing can mask them.
         visual_bias = site.mask is not None or geom.has_visual_padding
-        if cfg.fuse_permute:
+        if _fused(cfg, geom):
             result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
                           visual_bias)
         else:

@@ -37,11 +37,17 @@ def test_toy_dit_explicit_attention_text_at_start():
 
 
 @torch.no_grad()
-def test_toy_dit_sparse_matches_reference_op():
+@pytest.mark.parametrize("latent, fuse", [((2, 16, 16), True), ((2, 16, 16), False), ((2, 14, 18), True)],
+                         ids=["fused", "separate", "edge-padding"])
+def test_toy_dit_sparse_matches_reference_op(latent, fuse):
     toy = ToyDiT(layers=1).eval()
-    latent, text = toy_inputs(latent=(2, 16, 16))
-    model = draftopt.optimize(toy, sparsity=0.5, **OPTS)
+    latent, text = toy_inputs(latent=latent)
+    model = draftopt.optimize(toy, sparsity=0.5, fuse_permute=fuse, **OPTS)
     got = model(latent, text)
+    grid = (2, latent.shape[3] // 2, latent.shape[4] // 2)
+    rec = draftopt.report(model).rewritten[0]
+    # fused only where the tiles cover the grid exactly (kernels.attention.fuse_pays)
+    assert rec.grid == grid and rec.fused == (fuse and grid[1] % 4 == 0 and grid[2] % 4 == 0)
     attn = toy.blocks[0]
     # explicit attention = SDPA with the module's scale: route it through SDPA for the reference
     def forward_sdpa(x, self=attn):
@@ -50,7 +56,7 @@ def test_toy_dit_sparse_matches_reference_op():
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out(o.transpose(1, 2).reshape(B, L, C))
     attn.forward = forward_sdpa
-    with reference_attention((2, 8, 8), 7, "start", sparsity=0.5, tile=(4, 4)) as calls:
+    with reference_attention(grid, 7, "start", sparsity=0.5, tile=(4, 4)) as calls:
         want = toy(latent, text)
     assert len(calls) == 1
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
