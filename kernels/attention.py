@@ -377,6 +377,7 @@ def tiled_attention(
     layout (``permuted_key_bias``); ``visual_bias`` as for ``block_sparse_attention``.
 
     Example:
+        >>> from draftopt.kernels import Geometry, draft_map, select_blocks, tile_pool, tiled_attention
         >>> g = Geometry((2, 16, 16), (8, 16))
         >>> q, k, v = (torch.randn(1, 2, g.seq_len, 64) for _ in range(3))
         >>> kv_idx, kv_cnt = select_blocks(draft_map(tile_pool(q, g), tile_pool(k, g), 0.125), 0.5)
