@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from tabulate import tabulate
 
 import draftopt
+from _results import save_table
 from _timing import wall_ms
 
 # Never NVLink multicast: on shared hosts it can take every GPU of the host out of service.
@@ -143,16 +144,12 @@ def main():
         rows.append([f"rank {rank} of 2 (ulysses)", f"{r['dense (inductor)']:.1f}", f"{r['draftopt 0.9']:.1f}",
                      f"{r['rel err dense (inductor)']:.1e}", f"{r['rel err draftopt 0.0']:.1e}",
                      f"{r['rel err draftopt 0.9']:.1e}", r["rewritten"]])
-    if os.environ.get("OUT"):
-        import json
-
-        with open(os.path.join(os.environ["OUT"], "context_parallel.json"), "w") as f:
-            json.dump({"device": name, "torch": torch.__version__,
-                       "one_device": {k: v[0] for k, v in single.items()}, "ranks": dict(results)}, f, indent=1)
     # rel err: this rank's output vs the one-device output of the same variant. Dense Ulysses alone
     # differs from dense on one device by rounding; draftopt's columns should be of that size.
-    print(tabulate(rows, headers=["run", "dense ms", "draftopt 0.9 ms", "rel err dense", "rel err draftopt 0",
-                                  "rel err draftopt 0.9", "sites rewritten"]))
+    headers = ["run", "dense ms", "draftopt 0.9 ms", "rel err dense", "rel err draftopt 0", "rel err draftopt 0.9",
+               "sites rewritten"]
+    save_table("context_parallel", headers, rows, dict(device=name, torch=torch.__version__))
+    print(tabulate(rows, headers=headers))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from tabulate import tabulate
+
+from _results import save_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _timing import graphed
@@ -49,7 +51,10 @@ def main():
         rows.append(["x".join(map(str, grid)), N, f"{dense:.3f}", f"{draft:.3f}", f"{dense / draft:.2f}x"])
     print(f"crossover: bf16, {args.heads} heads, D=128, sparsity {args.sparsity}, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}")
-    print(tabulate(rows, headers=["grid", "tokens", "dense ms", "draftopt ms", "speedup"]))
+    headers = ["grid", "tokens", "dense ms", "draftopt ms", "speedup"]
+    save_table("crossover", headers, rows, dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                triton=triton.__version__, heads=args.heads, sparsity=args.sparsity))
+    print(tabulate(rows, headers=headers))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from tabulate import tabulate
 
 import draftopt
+from _results import save_table
 from _timing import wall_ms
 
 
@@ -67,7 +68,11 @@ def main():
     device = "CPU smoke" if cpu else torch.cuda.get_device_name()
     print(f"{device}, torch {torch.__version__}; Wan {'tiny' if cpu else '14B dims'}, {args.layers} layers, "
           f"{len(rep.rewritten)} of {len(rep.sites)} attention sites rewritten")
-    print(tabulate(rows, headers=["model", "ms / forward", "speedup"]))
+    headers = ["model", "ms / forward", "speedup"]
+    save_table("model", headers, rows, dict(device=device, torch=torch.__version__, layers=args.layers,
+                                            sparsity=args.sparsity, rewritten=len(rep.rewritten),
+                                            sites=len(rep.sites)))
+    print(tabulate(rows, headers=headers))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import torch
 import triton
 from tabulate import tabulate
 
+from _results import save_table
+
 from draftopt.kernels import Geometry
 from draftopt.kernels.attention import (block_sparse_attention_triton, launch_config, permuted_key_bias,
                                        tiled_attention_triton)
@@ -71,8 +73,11 @@ def main():
     print(f"{args.shape} sparsity {args.sparsity}: {pairs} block pairs, {flops / 1e12:.2f} TFLOP; default {default}; "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows.sort(key=lambda r: (r[5] is None, r[5]))
-    print(tabulate(rows, headers=["BLOCK_M", "BLOCK_N", "warps", "stages", "in place", "ms", "TFLOP/s",
-                                  "rel err vs default"]))
+    headers = ["BLOCK_M", "BLOCK_N", "warps", "stages", "in place", "ms", "TFLOP/s", "rel err vs default"]
+    save_table("sweep_attention", headers, rows, dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                      triton=triton.__version__, shape=args.shape,
+                                                      sparsity=args.sparsity, dense_cudnn_ms=dense_ms))
+    print(tabulate(rows, headers=headers))
 
 
 if __name__ == "__main__":
