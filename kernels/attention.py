@@ -1,4 +1,4 @@
-"""Stage 4, sparse-attn: block-sparse flash attention over tile-major q, k, v.
+"""Stage 4, sparse-attn: block-sparse flash attention (and stages 3-5 fused).
 
 ``draftopt::block_sparse_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale,
 block, n_text_blocks)`` takes q, k, v in the padded tile-major layout
@@ -12,9 +12,17 @@ tiles and the last ``n_text_blocks`` are text:
   key: 0 for real keys, -inf for padding rows and for keys hidden by a key
   padding mask (``draft_attention`` builds it).
 
+``draftopt::tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, <geometry>,
+visual_bias)`` computes the same on q, k, v in the original token order: the
+kernel reads each tile where it lies (one scalar base per tile, thanks to the
+box order of the tile-major layout, see geometry.py) and writes the output
+rows back in place, so no permuted copies exist. ``fuse_pays`` says for which
+geometries that is the faster choice.
+
 One program computes one query block with an online softmax in float32
 (FlashAttention-2 style, exp2, ``tl.dot`` on [BLOCK, D] tiles). A row whose
-keys are all masked returns zeros rather than NaN.
+keys are all masked returns zeros rather than NaN. ``visual_bias=False`` lets
+the kernel skip the bias add on visual key tiles (nothing can mask them).
 """
 
 from __future__ import annotations
