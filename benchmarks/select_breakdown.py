@@ -1,0 +1,60 @@
+"""Where the "percentile" selection spends its time (the stage the 1 ms pool + select target hinges on).
+
+    python benchmarks/select_breakdown.py [--shape hunyuan720p] [--sparsity 0.9]
+
+Times select_blocks as a whole and each step of its CUDA path on one real-model
+draft map (median of triton.testing.do_bench); prints a table last and writes
+JSON/CSV to $OUT (or .).
+"""
+
+import argparse
+
+import torch
+import triton
+from tabulate import tabulate
+
+from _results import save_table
+from draftopt.kernels import Geometry
+from draftopt.kernels.pool import tile_pool
+from draftopt.kernels.select import _with_diagonal, compact_triton, draft_map, keep_count, select_blocks
+
+SHAPES = {"wan1.3b-480p": (12, (21, 30, 52), 0), "wan14b-720p": (40, (21, 45, 80), 0),
+          "hunyuan720p": (24, (33, 48, 80), 256)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    args = ap.parse_args()
+    heads, grid, text_len = SHAPES[args.shape]
+    g = Geometry(grid, (8, 16), text_len, "end")
+    q, k = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    P = draft_map(tile_pool(q, g), tile_pool(k, g), 128 ** -0.5)
+    B, H, S, _ = P.shape
+    flat = P.reshape(B, H, S * S)
+    n_keep = keep_count(args.sparsity, S * S)
+    top = flat.topk(n_keep, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True).reshape(B, H, S, S)
+    keep_d = _with_diagonal(keep)
+    steps = {
+        "select_blocks (all)": lambda: select_blocks(P, args.sparsity, "percentile"),
+        "topk indices over S^2": lambda: flat.topk(n_keep, dim=-1, sorted=False),
+        "scatter into bool": lambda: torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True),
+        "OR diagonal": lambda: _with_diagonal(keep),
+        "bool -> uint8 + compaction kernel": lambda: compact_triton(keep_d, S),
+        "kthvalue over S^2 (alternative)": lambda: flat.kthvalue(S * S - n_keep + 1, dim=-1),
+        "sort over S^2 (alternative)": lambda: flat.sort(dim=-1, descending=True),
+    }
+    rows = [[name, round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), 4)]
+            for name, fn in steps.items()]
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                shape=args.shape, sparsity=args.sparsity, S=S, heads=H, keep_per_head=n_keep)
+    save_table("select_breakdown", ["step", "ms"], rows, meta)
+    print(f"{args.shape}: S={S}, {H} heads, keep {n_keep} of {S * S} per head; {meta['device']}, "
+          f"torch {meta['torch']}")
+    print(tabulate(rows, headers=["step", "ms"]))
+
+
+if __name__ == "__main__":
+    main()
