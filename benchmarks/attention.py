@@ -30,6 +30,7 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _shapes import SHAPES, shape
 from _timing import graphed
 from draftopt.kernels import Geometry, draft_attention
 from draftopt.kernels.attention import block_sparse_attention, tiled_attention
@@ -38,11 +39,6 @@ from draftopt.kernels.permute import permute_tiles, unpermute_tiles
 from draftopt.kernels.pool import tile_pool
 from draftopt.kernels.select import draft_map, select_blocks
 
-SHAPES = {  # name: (heads, grid, text_len)
-    "wan1.3b-480p": (12, (21, 30, 52), 0),
-    "wan14b-720p": (40, (21, 45, 80), 0),
-    "hunyuan720p": (24, (33, 48, 80), 256),
-}
 
 
 def timed(fn, base_mem: int) -> tuple[float, float]:
@@ -68,8 +64,8 @@ def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
 
 
 def bench_shape(name, sparsities, flex_compiled):
-    heads, grid, text_len = SHAPES[name]
-    geom = Geometry(grid, (8, 16), text_len, "end")
+    heads, geom = shape(name)
+    grid, text_len = geom.grid, geom.text_len
     L = geom.seq_len
     q, k, v = (torch.randn(1, heads, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     base = torch.cuda.memory_allocated()

@@ -14,12 +14,10 @@ import triton
 from tabulate import tabulate
 
 from _results import save_table
-from draftopt.kernels import Geometry
+from _shapes import SHAPES, shape
 from draftopt.kernels.pool import tile_pool
 from draftopt.kernels.select import _with_diagonal, compact_triton, draft_map, keep_count, select_blocks
 
-SHAPES = {"wan1.3b-480p": (12, (21, 30, 52), 0), "wan14b-720p": (40, (21, 45, 80), 0),
-          "hunyuan720p": (24, (33, 48, 80), 256)}
 
 
 def main():
@@ -27,8 +25,7 @@ def main():
     ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.9)
     args = ap.parse_args()
-    heads, grid, text_len = SHAPES[args.shape]
-    g = Geometry(grid, (8, 16), text_len, "end")
+    heads, g = shape(args.shape)
     q, k = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     P = draft_map(tile_pool(q, g), tile_pool(k, g), 128 ** -0.5)
     B, H, S, _ = P.shape

@@ -14,16 +14,14 @@ import triton
 from tabulate import tabulate
 
 from _results import save_table
+from _shapes import SHAPES, shape
 
-from draftopt.kernels import Geometry
 from draftopt.kernels.attention import (block_sparse_attention_triton, launch_config, permuted_key_bias,
                                        tiled_attention_triton)
 from draftopt.kernels.permute import permute_tiles, unpermute_tiles
 from draftopt.kernels.pool import tile_pool
 from draftopt.kernels.select import draft_map, select_blocks
 
-SHAPES = {"wan1.3b-480p": (12, (21, 30, 52), 0), "wan14b-720p": (40, (21, 45, 80), 0),
-          "hunyuan720p": (24, (33, 48, 80), 256)}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, tiles addressed in place in the original order)
 CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 2, True),
            (128, 64, 8, 3, False), (128, 64, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 8, 2, True)]
@@ -34,8 +32,7 @@ def main():
     ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.9)
     args = ap.parse_args()
-    heads, grid, text_len = SHAPES[args.shape]
-    g = Geometry(grid, (8, 16), text_len, "end")
+    heads, g = shape(args.shape)
     q, k, v = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = 128 ** -0.5
     kv_idx, kv_cnt = select_blocks(draft_map(tile_pool(q, g), tile_pool(k, g), scale), args.sparsity, "percentile")

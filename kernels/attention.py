@@ -309,25 +309,31 @@ def block_sparse_attention(
     has padding rows in edge tiles.
     """
 
+    if q.dim() == 4 and q.shape[2] != geom.padded_len:
+        raise ValueError(f"q has {q.shape[2]} rows; the tile-major layout of {geom} has {geom.padded_len}")
+    key_bias, scale, visual_bias = _checked_args("block_sparse_attention", q, k, v, kv_idx, kv_cnt, geom,
+                                                 key_bias, scale, visual_bias)
+    return torch.ops.draftopt.block_sparse_attention(
+        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, visual_bias)
+
+
+def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_bias):
+    """Shared checks and defaults of the two attention wrappers: (key_bias, scale, visual_bias)."""
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must share one shape [B, heads, Lp, D]; got "
+        raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, Lp, D = q.shape
-    if Lp != geom.padded_len:
-        raise ValueError(f"q has {Lp} rows; the tile-major layout of {geom} has {geom.padded_len}")
+    B, H, _, D = q.shape
     if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
         raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
                          f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
     if use_triton(q):
         check_dtype("q", q)
-    refuse_grad("block_sparse_attention", q, k, v)
+    refuse_grad(name, q, k, v)
     if visual_bias is None:
         visual_bias = key_bias is not None or geom.has_visual_padding
     if key_bias is None:
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
-    scale = D ** -0.5 if scale is None else float(scale)
-    return torch.ops.draftopt.block_sparse_attention(
-        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, bool(visual_bias))
+    return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias)
 
 
 # -- stages 3-5 fused: tiles addressed in place ------------------------------------------
@@ -392,24 +398,12 @@ def tiled_attention(
         >>> tiled_attention(q, k, v, kv_idx, kv_cnt, g).shape
         torch.Size([1, 2, 512, 64])
     """
-    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, L, D = q.shape
-    geom.check_seq_len(L, "q")
-    if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
-        raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
-                         f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
-    if use_triton(q):
-        check_dtype("q", q)
-    refuse_grad("tiled_attention", q, k, v)
-    if visual_bias is None:
-        visual_bias = key_bias is not None or geom.has_visual_padding
-    if key_bias is None:
-        key_bias = permuted_key_bias(None, B, H, geom, q.device)
-    scale = D ** -0.5 if scale is None else float(scale)
+    if q.dim() == 4:
+        geom.check_seq_len(q.shape[2], "q")
+    key_bias, scale, visual_bias = _checked_args("tiled_attention", q, k, v, kv_idx, kv_cnt, geom,
+                                                 key_bias, scale, visual_bias)
     return torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
-                                              bool(visual_bias))
+                                              visual_bias)
 
 
 # -- key bias: an SDPA key padding mask in the tile-major layout -------------------------
