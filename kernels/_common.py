@@ -73,17 +73,17 @@ _INT_POISON = -(2**30)
 
 def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """torch.empty for kernel outputs, filled with poison when poisoning is on."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON:
-        out.fill_(float("nan") if dtype.is_floating_point else _INT_POISON)
-    return out
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
 
 
 def alloc_like(t: torch.Tensor) -> torch.Tensor:
     """torch.empty_like (same strides where ``t`` is dense), poisoned like ``alloc``."""
-    out = torch.empty_like(t)
+    return _poisoned(torch.empty_like(t))
+
+
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
     if _POISON:
-        out.fill_(float("nan") if t.dtype.is_floating_point else _INT_POISON)
+        out.fill_(float("nan") if out.dtype.is_floating_point else _INT_POISON)
     return out
 
 

@@ -330,7 +330,7 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
         check_dtype("q", q)
     refuse_grad(name, q, k, v)
     if visual_bias is None:
-        visual_bias = key_bias is not None or geom.has_visual_padding
+        visual_bias = needs_visual_bias(key_bias is not None, geom)
     if key_bias is None:
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
     return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias)
@@ -350,6 +350,11 @@ def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom):
     out = alloc_like(q)
     out.copy_(gather_rows_reference(out_p, original_to_permuted_index(geom, q.device)))
     return out
+
+
+def needs_visual_bias(has_mask: bool, geom) -> bool:
+    """Whether the key bias can be nonzero on visual key tiles: a user mask, or padding rows in edge tiles."""
+    return has_mask or geom.has_visual_padding
 
 
 def fuse_pays(geom) -> bool:

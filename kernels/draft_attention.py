@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from ._common import check_dtype, refuse_grad, use_triton
-from .attention import block_sparse_attention, fuse_pays, permuted_key_bias, tiled_attention
-from .permute import permute_tiles, unpermute_tiles
+from .attention import block_sparse_attention, fuse_pays, needs_visual_bias, permuted_key_bias, tiled_attention
 from .block_mask import DraftBlockMask
 from .geometry import Geometry
+from .permute import permute_tiles, unpermute_tiles
 from .pool import tile_pool
 from .select import check_selection_args, dense_indices, draft_map, select_blocks
 
@@ -91,7 +91,7 @@ def draft_attention(
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
     bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
-    visual_bias = attn_mask is not None or geom.has_visual_padding
+    visual_bias = needs_visual_bias(attn_mask is not None, geom)
     if fuse_pays(geom):  # stages 3-5 in one kernel: tiles addressed in place, no permuted copies
         out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale, visual_bias=visual_bias)
     else:

@@ -201,6 +201,12 @@ def _fused(cfg, geom) -> bool:
     return bool(cfg.fuse_permute) and fuse_pays(geom)
 
 
+def _needs_visual_bias(site: AttentionSite, geom) -> bool:
+    from draftopt.kernels.attention import needs_visual_bias
+
+    return needs_visual_bias(site.mask is not None, geom)
+
+
 def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> None:
     """Insert the five stages before the site and route its users to the result."""
     ops = torch.ops.draftopt
@@ -225,7 +231,7 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
                           cfg.policy, float(cfg.sparsity))
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
         # The bias add is skipped on visual key tiles when nothing can mask them.
-        visual_bias = site.mask is not None or geom.has_visual_padding
+        visual_bias = _needs_visual_bias(site, geom)
         if _fused(cfg, geom):
             result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
                           visual_bias)
