@@ -1,0 +1,49 @@
+"""The Gluon (Hopper) attention kernel against the float64 reference and the Triton kernel."""
+
+import pytest
+import torch
+
+from draftopt.kernels import Geometry, permute_tiles, unpermute_tiles
+from draftopt.kernels import attention_sm90
+from draftopt.kernels._common import alloc, poison_outputs
+
+from .test_attention import expected, key_bias_for, random_block_mask
+from .tolerances import assert_close
+
+pytestmark = pytest.mark.gpu
+
+
+def _require_sm90():
+    if not (torch.cuda.is_available() and attention_sm90.HAVE_GLUON
+            and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("needs an sm_90 GPU and Triton's Gluon")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g, B, H, D, density, visual_bias", [
+    (Geometry((2, 16, 32), (8, 16), 77, "end"), 2, 3, 128, 0.3, False),   # tiles cover the grid: no visual bias
+    (Geometry((2, 16, 32), (8, 16), 77, "end"), 1, 2, 128, 0.3, True),
+    (Geometry((3, 12, 20), (8, 16), 0, "end"), 1, 2, 64, 0.5, True),      # edge tiles with padding rows
+    (Geometry((2, 16, 48), (8, 16), 200, "start"), 1, 2, 128, 0.0, False),  # diagonal only (one block a row)
+    (Geometry((1, 32, 64), (8, 16), 0, "end"), 1, 1, 128, 1.0, False),    # every block: rings wrap many times
+    (Geometry((3, 24, 33), (8, 16), 130, "end"), 2, 1, 64, 0.2, True),
+], ids=["text-end", "text-end-bias", "padded-d64", "diagonal-only", "dense", "odd"])
+def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
+    _require_sm90()
+    q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, density, "cuda")
+    key_keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
+    if g.text_len > 1:  # hide the last text tokens of batch 0
+        key_keep[0, g.text_offset + g.text_len // 2: g.text_offset + g.text_len] = False
+    bias = key_bias_for(g, key_keep, "cuda")
+    qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+    with poison_outputs():
+        out_p = alloc(qp.shape, dtype, "cuda")
+        attention_sm90.attend_sm90(qp, kp, vp, out_p, kv_idx, kv_cnt, bias.expand(B, H, g.padded_len), D ** -0.5,
+                                   g.n_tiles, g.n_text_blocks, visual_bias)
+    assert_close(unpermute_tiles(out_p, g), expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
+
+
+def test_sm90_supported_rules():
+    q = torch.empty(1, 1, 128, 128, dtype=torch.bfloat16)
+    assert not attention_sm90.supported(q, 128), "CPU tensors never take the Gluon path"
