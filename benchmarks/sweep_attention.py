@@ -28,13 +28,25 @@ from draftopt.kernels.select import draft_map, select_blocks
 CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 2, True),
            (128, 64, 8, 3, False), (128, 64, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 8, 2, True)]
 # The Gluon kernel (kernels/attention_sm90.py, Hopper only), tile-major: (K buffers, V buffers).
-SM90_STAGES = [(2, 2), (3, 2), (2, 3)]
+SM90_STAGES = [(2, 2, False), (2, 2, True), (3, 2, True), (2, 3, True)]  # (K, V buffers, warp-specialized)
+
+
+def _print_registers(kernel):
+    """Registers and spills of each compiled variant (Triton's cache layout; best effort)."""
+    try:
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                print(f"{compiled.name}: {compiled.n_regs} registers, {compiled.n_spills} spills, "
+                      f"{compiled.metadata.shared} B shared", flush=True)
+    except Exception as e:  # the cache layout is Triton-internal
+        print(f"(registers unavailable: {type(e).__name__})")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--gluon-only", action="store_true", help="time only the Gluon kernel's configs")
     args = ap.parse_args()
     heads, g = shape(args.shape)
     q, k, v = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -53,7 +65,7 @@ def main():
     want = run_tile_major(None).float()
     assert not want.isnan().any()
     rows = []
-    for bm, bn, w, s, in_place in CONFIGS:
+    for bm, bn, w, s, in_place in CONFIGS[:1] if args.gluon_only else CONFIGS:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
         run = run_in_place if in_place else run_tile_major
         try:
@@ -64,21 +76,23 @@ def main():
             rows.append([bm, bn, w, s, in_place, None, None, f"{type(e).__name__}: {str(e)[:60]}"])
         print(rows[-1], flush=True)
     if attention_sm90.supported(q, g.block):
-        for ks, vs in SM90_STAGES:
+        for ks, vs, ws in SM90_STAGES:
             def run_sm90():
                 out = alloc(qp.shape, qp.dtype, qp.device)
                 attention_sm90.attend_sm90(qp, kp, vp, out, kv_idx, kv_cnt, bias.expand(1, heads, g.padded_len), scale,
-                                           g.n_tiles, g.n_text_blocks, visual_bias, ks, vs)
+                                           g.n_tiles, g.n_text_blocks, visual_bias, ks, vs, ws)
                 return unpermute_tiles(out, g)
             try:
                 err = ((run_sm90().float() - want).norm() / want.norm()).item()
                 ms = triton.testing.do_bench(run_sm90, warmup=25, rep=200, return_mode="median")
-                rows.append([f"gluon K{ks} V{vs}", 128, 8, None, False, round(ms, 3), round(flops / ms / 1e9, 1),
+                rows.append([f"gluon K{ks} V{vs}{' ws' if ws else ''}", 128, 8, None, False, round(ms, 3), round(flops / ms / 1e9, 1),
                              f"{err:.1e}"])
             except Exception as e:
-                rows.append([f"gluon K{ks} V{vs}", 128, 8, None, False, None, None,
+                rows.append([f"gluon K{ks} V{vs}{' ws' if ws else ''}", 128, 8, None, False, None, None,
                              f"{type(e).__name__}: {str(e)[:200]}"])
             print(rows[-1], flush=True)
+        _print_registers(attention_sm90._attend_sm90_kernel)
+        _print_registers(attention_sm90._attend_sm90_ws_kernel)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

@@ -207,23 +207,172 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
 
+if HAVE_GLUON:
+
+    # -- v3: warp-specialized. One producer warp issues every TMA load; two consumer
+    # warpgroups (64 query rows each) compute on their own, releasing each K / V buffer
+    # through an "empty" barrier, so no CTA-wide barrier ties the warpgroups together.
+
+    @gluon.jit
+    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
+                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        BLOCK: gl.constexpr = k_desc.block_type.shape[0]
+        ROWS: gl.constexpr = q_desc.block_type.shape[0]
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # both halves of the query block
+        _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [q_row + ROWS, 0], q_bar, q_smem.index(1))
+        for j in range(n_total):
+            kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
+            ks = j % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)  # passes at once on a fresh buffer
+            _issue(k_desc, k_smem.index(ks), k_ready.index(ks), kr, True)
+            vs = j % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+            _issue(v_desc, v_smem.index(vs), v_ready.index(vs), kr, True)
+
+    @gluon.jit
+    def _ws_consumer(c: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                     VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        ROWS: gl.constexpr = o_desc.block_type.shape[0]
+        HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
+        BLOCK: gl.constexpr = k_smem.shape[1]
+        dtype: gl.constexpr = o_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_mine = q_smem.index(c)
+
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+        mbarrier.arrive(k_empty.index(0))
+        kr, kb = _key_row(idx_row, 0, cnt, n_vis, is_text, n_tiles, 0, BLOCK)
+        if (kb >= n_tiles) | VISUAL_BIAS:
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
+        else:
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for j in range(1, n_total):
+            ks = j % K_STAGES
+            vs = (j - 1) % V_STAGES
+            mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+            s_tok = warpgroup_mma(q_mine, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(ks))
+            # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
+            kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, 0, BLOCK)
+            if (kb >= n_tiles) | VISUAL_BIAS:
+                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
+            else:
+                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+            mbarrier.arrive(v_empty.index(vs))
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        vs = (n_total - 1) % V_STAGES
+        mbarrier.wait(v_ready.index(vs), ((n_total - 1) // V_STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
+        mbarrier.arrive(v_empty.index(vs))
+
+        l_o = gl.convert_layout(l_i, row_o)
+        l_o = gl.where(l_o == 0.0, 1.0, l_o)  # rows whose keys are all masked -> zeros
+        q_mine.store((acc / l_o[:, None]).to(dtype))  # these q rows are no longer read
+        fence_async_shared()
+        _tma_store(o_desc, [q_row + c * ROWS, 0], q_mine)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _attend_sm90_ws_kernel(
+        q_desc, k_desc, v_desc, o_desc, Bias, KvIdx, KvCnt,
+        stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
+        n_heads, n_tiles, n_text_blocks, Lp, qk_scale,
+        VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+    ):
+        BLOCK: gl.constexpr = k_desc.block_type.shape[0]
+        ROWS: gl.constexpr = q_desc.block_type.shape[0]  # query rows per consumer warpgroup
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+        gl.static_assert(2 * ROWS == BLOCK)
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // n_heads
+        h = bh % n_heads
+        bh_row0 = bh * Lp
+        is_text = pid_m >= n_tiles
+        row = gl.minimum(pid_m, n_tiles - 1)
+        cnt = gl.load(KvCnt + b * stride_cb + h * stride_ch + row)
+        n_vis = gl.where(is_text, n_tiles, cnt)
+        n_total = n_vis + n_text_blocks
+        idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
+        bias_bh = Bias + b * stride_bb + h * stride_bh
+        q_row = bh_row0 + pid_m * BLOCK
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_ws_consumer, (0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
+                            idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                            VISUAL_BIAS, K_STAGES, V_STAGES)),
+            (_ws_consumer, (1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
+                            idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                            VISUAL_BIAS, K_STAGES, V_STAGES)),
+            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                            v_empty, idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
+                            K_STAGES, V_STAGES)),
+        ], [4, 1], [232, 24])
+
+
 # K and V rings of 2 buffers each: q (32 KB) + 4 x 32 KB at D = 128, one program per SM.
 K_STAGES, V_STAGES = 2, 2
 
 
 def attend_sm90(q, k, v, out, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                k_stages=K_STAGES, v_stages=V_STAGES):
+                k_stages=K_STAGES, v_stages=V_STAGES, ws=False):
     """Launch on contiguous tile-major q, k, v, out [B, H, Lp, D]; ``bias`` [B, H, Lp] (expanded views are fine)."""
     B, H, Lp, D = q.shape
     gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gl_dtype)
     q, k, v = (t.contiguous() for t in (q, k, v))
     descs = [TensorDescriptor(t, [B * H * Lp, D], [D, 1], [BLOCK, D], layout) for t in (q, k, v, out)]
-    _attend_sm90_kernel[(Lp // BLOCK, B * H)](
+    if ws:  # each consumer warpgroup loads and stores its 64 query rows
+        half = gl.NVMMASharedLayout.get_default_for([BLOCK // 2, D], gl_dtype)
+        descs[0], descs[3] = (TensorDescriptor(t, [B * H * Lp, D], [D, 1], [BLOCK // 2, D], half) for t in (q, out))
+    kernel = _attend_sm90_ws_kernel if ws else _attend_sm90_kernel
+    kernel[(Lp // BLOCK, B * H)](
         *descs, bias, kv_idx, kv_cnt,
         bias.stride(0), bias.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         H, n_tiles, n_text_blocks, Lp, scale * 1.4426950408889634,
-        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, num_warps=8,
+        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, num_warps=4 if ws else 8,
     )
     return out

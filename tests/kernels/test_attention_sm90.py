@@ -19,6 +19,7 @@ def _require_sm90():
         pytest.skip("needs an sm_90 GPU and Triton's Gluon")
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["one-partition", "warp-specialized"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g, B, H, D, density, visual_bias", [
     (Geometry((2, 16, 32), (8, 16), 77, "end"), 2, 3, 128, 0.3, False),   # tiles cover the grid: no visual bias
@@ -28,7 +29,7 @@ def _require_sm90():
     (Geometry((1, 32, 64), (8, 16), 0, "end"), 1, 1, 128, 1.0, False),    # every block: rings wrap many times
     (Geometry((3, 24, 33), (8, 16), 130, "end"), 2, 1, 64, 0.2, True),
 ], ids=["text-end", "text-end-bias", "padded-d64", "diagonal-only", "dense", "odd"])
-def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
+def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype, ws):
     _require_sm90()
     q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
     kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, density, "cuda")
@@ -40,7 +41,7 @@ def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
     with poison_outputs():
         out_p = alloc(qp.shape, dtype, "cuda")
         attention_sm90.attend_sm90(qp, kp, vp, out_p, kv_idx, kv_cnt, bias.expand(B, H, g.padded_len), D ** -0.5,
-                                   g.n_tiles, g.n_text_blocks, visual_bias)
+                                   g.n_tiles, g.n_text_blocks, visual_bias, ws=ws)
     assert_close(unpermute_tiles(out_p, g), expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
