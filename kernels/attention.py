@@ -32,10 +32,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from . import attention_sm90
 from ._common import LOG2E, alloc, alloc_like, check_dtype, launcher, make_inference_only, next_pow2, refuse_grad, use_triton
 from .block_mask import indices_to_dense
 from .geometry import Geometry, original_to_permuted_index, permuted_source_index
-from .permute import gather_rows_reference
+from .permute import gather_rows_reference, gather_rows_triton
 
 
 @triton.jit
@@ -248,7 +249,10 @@ def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, in
 
 def block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, config=None,
                                   visual_bias=True):
-    """Tile-major q, k, v [B, H, Lp, D] -> tile-major output."""
+    """Tile-major q, k, v [B, H, Lp, D] -> tile-major output (the Gluon kernel on Hopper, unless ``config``)."""
+    if config is None and attention_sm90.supported(q, block):
+        return torch.ops.draftopt.attend_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, kv_idx.shape[2],
+                                              n_text_blocks, visual_bias)
     B, H, Lp, D = q.shape
     # Tile-major input: only the block counts matter; a stand-in geometry with the same blocks.
     geom = _BlockCounts(kv_idx.shape[2], n_text_blocks, block)
@@ -338,7 +342,18 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
 
 # -- stages 3-5 fused: tiles addressed in place ------------------------------------------
 def tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias=True, config=None):
-    """Original-order q, k, v [B, H, L, D] -> output in the original order, with q's strides."""
+    """Original-order q, k, v [B, H, L, D] -> output in the original order, with q's strides.
+
+    On Hopper (``attention_sm90.supported``) the Gluon kernel on permuted copies beats
+    the in-place Triton kernel by far (HunyuanVideo 720p, 0.9: ~40 ms with the copies
+    vs 54 ms; BENCHMARKS.md), so it runs permute -> Gluon kernel -> unpermute.
+    """
+    if config is None and attention_sm90.supported(q, geom.block):
+        src = permuted_source_index(geom, q.device)
+        qp, kp, vp = (gather_rows_triton(t, src) for t in (q, k, v))
+        out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.n_tiles,
+                                               geom.n_text_blocks, visual_bias)
+        return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=alloc_like(q))
     return _launch(q, k, v, alloc_like(q), kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, True, config)
 
 

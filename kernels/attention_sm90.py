@@ -1,25 +1,29 @@
-"""Stage 4 on Hopper: the block-sparse attention kernel written in Gluon (wgmma + TMA).
+"""Stage 4 on Hopper: the block-sparse attention kernel written in Gluon (TMA, wgmma, warp specialization).
 
 Same contract as ``_block_sparse_attn_kernel`` in attention.py on tile-major
 q, k, v (a visual query tile attends to its selected key tiles and to every
 text block; a text query block attends to every block; ``key_bias`` is added
 to text keys always and to visual keys when ``visual_bias``), for the case that
 dominates real models: 16-bit inputs, head dim 64 or 128, 128-token blocks, an
-sm_90 GPU. attention.py calls it through ``draftopt::_attend_sm90`` where it
-applies and falls back to the Triton kernel elsewhere.
+sm_90 GPU. ``draftopt::attend_sm90`` is the op; attention.py routes to it where
+``supported`` holds and keeps the Triton kernel everywhere else.
 
 Why a second kernel: Triton 3.6 schedules the FlashAttention loop itself and
 reaches ~60% of cuDNN's throughput on the H100 (benchmarks/NOTES.md, v1-v5).
-Gluon lets the loop be scheduled by hand, FlashAttention-3 style:
+Gluon lets the schedule be written by hand, FlashAttention-3 style:
 
-- q, k, v tiles arrive by TMA into swizzled shared memory; K and V have
-  their own rings of buffers and barriers, refilled as soon as the wgmma that
-  read a buffer has retired;
-- the wgmma of S_j = Q K_j^T and of O += P_{j-1} V_{j-1} are issued back to
-  back, and the softmax of S_j runs while the tensor cores do P_{j-1} V_{j-1}
-  ("intra-warpgroup overlap");
-- P stays in registers as the A operand of the second wgmma;
-- the output goes back through shared memory and a TMA store.
+- one producer warp issues every TMA load (q once; K and V into rings of
+  buffers, each with a "ready" barrier the copy engine completes and an "empty"
+  barrier both consumers arrive on when their wgmma has read it);
+- two consumer warpgroups, 64 query rows each, run on their own: no CTA-wide
+  barrier ties them, so one's softmax overlaps the other's matrix products;
+- within a consumer, the wgmma of S_j = Q K_j^T and of O += P_{j-1} V_{j-1} are
+  issued back to back and the softmax of S_j runs while the second one does;
+- P stays in registers as the A operand of the second wgmma; the output goes
+  back through shared memory and a TMA store.
+
+Measured on an H100 (HunyuanVideo 720p, sparsity 0.9): 547 TFLOP/s, against 393
+for the Triton kernel and 633 for dense cuDNN (benchmarks/NOTES.md, v6).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ._common import LOG2E, alloc
 
 try:  # Gluon ships with Triton >= 3.5; without it (or on other GPUs) the Triton kernel runs.
     from triton.experimental import gluon
@@ -37,7 +43,6 @@ try:  # Gluon ships with Triton >= 3.5; without it (or on other GPUs) the Triton
     # Triton 3.6 names (newer releases renamed them async_load / async_store).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the Triton build
     HAVE_GLUON = False
@@ -47,7 +52,7 @@ HEAD_DIMS = (64, 128)
 
 
 def supported(q: torch.Tensor, block: int) -> bool:
-    """Whether ``_attend_sm90`` can run these tile-major inputs."""
+    """Whether ``draftopt::attend_sm90`` can run on tile-major inputs like ``q``."""
     return (HAVE_GLUON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and block == BLOCK
             and q.shape[-1] in HEAD_DIMS and _is_sm90(q.device.index))
 
@@ -91,132 +96,9 @@ if HAVE_GLUON:
         return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _attend_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Bias, KvIdx, KvCnt,
-        stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
-        n_heads, n_tiles, n_text_blocks, Lp, qk_scale,
-        VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-    ):
-        BLOCK: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
-        dtype: gl.constexpr = q_desc.dtype
-        NUM_WARPS: gl.constexpr = gl.num_warps()
-        # wgmma: warps stacked along M (16 rows each), one instruction covers a whole row of the tile.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, BLOCK, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // n_heads
-        h = bh % n_heads
-        bh_row0 = bh * Lp
-        is_text = pid_m >= n_tiles
-        row = gl.minimum(pid_m, n_tiles - 1)
-        cnt = gl.load(KvCnt + b * stride_cb + h * stride_ch + row)
-        n_vis = gl.where(is_text, n_tiles, cnt)
-        n_total = n_vis + n_text_blocks
-        idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
-        bias_bh = Bias + b * stride_bb + h * stride_bh
-
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_bars.index(i), count=1)
-        fence_async_shared()
-
-        # Prologue: q, and the first key / value blocks into every buffer.
-        _issue(q_desc, q_smem, q_bar, bh_row0 + pid_m * BLOCK, True)
-        for i in gl.static_range(K_STAGES):
-            kr, kb = _key_row(idx_row, i, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-            _issue(k_desc, k_smem.index(i), k_bars.index(i), kr, n_total > i)
-        for i in gl.static_range(V_STAGES):
-            kr, kb = _key_row(idx_row, i, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-            _issue(v_desc, v_smem.index(i), v_bars.index(i), kr, n_total > i)
-
-        m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([BLOCK], gl.float32, row_s)
-        acc = gl.zeros([BLOCK, HEAD_D], gl.float32, o_layout)
-        s_zero = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
-
-        # Block 0: S_0 and its softmax (there is always one block: the diagonal, or text).
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-        kr, kb = _key_row(idx_row, K_STAGES, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-        _issue(k_desc, k_smem.index(0), k_bars.index(0), kr, n_total > K_STAGES)
-        kr, kb = _key_row(idx_row, 0, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-        if (kb >= n_tiles) | VISUAL_BIAS:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
-        else:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        for j in range(1, n_total):
-            ks = j % K_STAGES
-            vs = (j - 1) % V_STAGES
-            mbarrier.wait(k_bars.index(ks), (j // K_STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(vs), ((j - 1) // V_STAGES) & 1)
-            acc_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_tok,))
-            # K buffer ks is free again: fetch block j + K_STAGES into it.
-            kr, kb = _key_row(idx_row, j + K_STAGES, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-            _issue(k_desc, k_smem.index(ks), k_bars.index(ks), kr, j + K_STAGES < n_total)
-            # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
-            kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-            if (kb >= n_tiles) | VISUAL_BIAS:
-                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
-            else:
-                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
-            # V buffer vs is free again: fetch block j - 1 + V_STAGES into it.
-            kr, kb = _key_row(idx_row, j - 1 + V_STAGES, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
-            _issue(v_desc, v_smem.index(vs), v_bars.index(vs), kr, j - 1 + V_STAGES < n_total)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        # The last block's P V.
-        vs = (n_total - 1) % V_STAGES
-        mbarrier.wait(v_bars.index(vs), ((n_total - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
-
-        for i in gl.static_range(K_STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-        for i in gl.static_range(V_STAGES):
-            mbarrier.invalidate(v_bars.index(i))
-        mbarrier.invalidate(q_bar)
-
-        l_o = gl.convert_layout(l_i, row_o)
-        l_o = gl.where(l_o == 0.0, 1.0, l_o)  # rows whose keys are all masked -> zeros
-        q_smem.store((acc / l_o[:, None]).to(dtype))  # q is no longer read: its buffer stages the output
-        fence_async_shared()
-        _cta_barrier()  # every warp's rows are in shared memory before the one-thread TMA store
-        _tma_store(o_desc, [bh_row0 + pid_m * BLOCK, 0], q_smem)
-        tma.store_wait(0)
-
-
-if HAVE_GLUON:
-
-    # -- v3: warp-specialized. One producer warp issues every TMA load; two consumer
-    # warpgroups (64 query rows each) compute on their own, releasing each K / V buffer
-    # through an "empty" barrier, so no CTA-wide barrier ties the warpgroups together.
-
-    @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
-                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                  idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
+                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # both halves of the query block
@@ -232,9 +114,9 @@ if HAVE_GLUON:
             _issue(v_desc, v_smem.index(vs), v_ready.index(vs), kr, True)
 
     @gluon.jit
-    def _ws_consumer(c: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                     VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    def _consumer(c: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                  bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                  VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -297,7 +179,7 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _attend_sm90_ws_kernel(
+    def _attend_sm90_kernel(
         q_desc, k_desc, v_desc, o_desc, Bias, KvIdx, KvCnt,
         stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
         n_heads, n_tiles, n_text_blocks, Lp, qk_scale,
@@ -340,39 +222,58 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_ws_consumer, (0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
-                            idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                            VISUAL_BIAS, K_STAGES, V_STAGES)),
-            (_ws_consumer, (1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
-                            idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                            VISUAL_BIAS, K_STAGES, V_STAGES)),
-            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                            v_empty, idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
-                            K_STAGES, V_STAGES)),
-        ], [4, 1], [232, 24])
+            (_consumer, (0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
+                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         VISUAL_BIAS, K_STAGES, V_STAGES)),
+            (_consumer, (1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
+                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         VISUAL_BIAS, K_STAGES, V_STAGES)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
+                         K_STAGES, V_STAGES)),
+        ], [4, 1], [232, 24])  # consumer 1: 4 warps, 232 registers; producer: 1 warp, 24
 
 
-# K and V rings of 2 buffers each: q (32 KB) + 4 x 32 KB at D = 128, one program per SM.
-K_STAGES, V_STAGES = 2, 2
+# K and V rings: 2 and 3 buffers (q 32 KB + 5 x 32 KB at D = 128; one program per SM).
+# Sweep at HunyuanVideo 720p 0.9: 37.9 ms vs 38.4 for 2 + 2 and 38.6 for 3 + 2.
+K_STAGES, V_STAGES = 2, 3
 
 
-def attend_sm90(q, k, v, out, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                k_stages=K_STAGES, v_stages=V_STAGES, ws=False):
-    """Launch on contiguous tile-major q, k, v, out [B, H, Lp, D]; ``bias`` [B, H, Lp] (expanded views are fine)."""
+def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
+                k_stages=K_STAGES, v_stages=V_STAGES):
+    """Tile-major q, k, v [B, H, Lp, D] -> tile-major output; ``bias`` [B|1, H|1, Lp] float32."""
     B, H, Lp, D = q.shape
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gl_dtype)
     q, k, v = (t.contiguous() for t in (q, k, v))
-    descs = [TensorDescriptor(t, [B * H * Lp, D], [D, 1], [BLOCK, D], layout) for t in (q, k, v, out)]
-    if ws:  # each consumer warpgroup loads and stores its 64 query rows
-        half = gl.NVMMASharedLayout.get_default_for([BLOCK // 2, D], gl_dtype)
-        descs[0], descs[3] = (TensorDescriptor(t, [B * H * Lp, D], [D, 1], [BLOCK // 2, D], half) for t in (q, out))
-    kernel = _attend_sm90_ws_kernel if ws else _attend_sm90_kernel
-    kernel[(Lp // BLOCK, B * H)](
-        *descs, bias, kv_idx, kv_cnt,
+    out = alloc((B, H, Lp, D), q.dtype, q.device)
+    bias = bias.expand(B, H, Lp)
+    kv_idx = kv_idx.contiguous()
+    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    rows = B * H * Lp
+
+    def desc(t, block_rows):  # t viewed as [B * H * Lp, D], block_rows x D tiles
+        return TensorDescriptor(t, [rows, D], [D, 1], [block_rows, D],
+                                gl.NVMMASharedLayout.get_default_for([block_rows, D], gl_dtype))
+
+    # q and out move in halves: each consumer warpgroup loads and stores its own 64 rows.
+    _attend_sm90_kernel[(Lp // BLOCK, B * H)](
+        desc(q, BLOCK // 2), desc(k, BLOCK), desc(v, BLOCK), desc(out, BLOCK // 2), bias, kv_idx, kv_cnt,
         bias.stride(0), bias.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
-        H, n_tiles, n_text_blocks, Lp, scale * 1.4426950408889634,
-        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, num_warps=4 if ws else 8,
+        H, n_tiles, n_text_blocks, Lp, scale * LOG2E,
+        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op("draftopt::attend_sm90", mutates_args=())
+def _attend_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+                    bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int,
+                    visual_bias: bool) -> torch.Tensor:
+    # An opaque op (not a triton_op): torch.compile cannot trace a Gluon launch, so
+    # Inductor calls this as an extern kernel; it syncs nothing, so CUDA graphs capture it.
+    return attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
+
+
+@_attend_sm90_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias):
+    return q.new_empty(q.shape)

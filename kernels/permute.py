@@ -55,11 +55,16 @@ def _gather_rows_kernel(
     tl.store(o_ptrs, vals.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
 
-def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, pad_value: float = 0.0) -> torch.Tensor:
-    """out[..., r, :] = x[..., idx[r], :] (pad_value where idx[r] < 0), one Triton launch."""
+def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, pad_value: float = 0.0,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[..., r, :] = x[..., idx[r], :] (pad_value where idx[r] < 0), one Triton launch.
+
+    ``out`` (optional): the [B, heads, rows, D] tensor to write, any strides with a contiguous last dim.
+    """
     B, n_heads, _, D = x.shape
     n_rows = idx.numel()
-    out = alloc((B, n_heads, n_rows, D), x.dtype, x.device)
+    if out is None:
+        out = alloc((B, n_heads, n_rows, D), x.dtype, x.device)
     grid = (triton.cdiv(n_rows, _BLOCK_ROWS), B * n_heads)
     launcher(_gather_rows_kernel)[grid](
         x, idx, out,

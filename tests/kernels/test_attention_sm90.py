@@ -1,17 +1,14 @@
-"""The Gluon (Hopper) attention kernel against the float64 reference and the Triton kernel."""
+"""The Gluon (Hopper) attention kernel (kernels/attention_sm90.py) against the float64 reference."""
 
 import pytest
 import torch
 
 from draftopt.kernels import Geometry, permute_tiles, unpermute_tiles
 from draftopt.kernels import attention_sm90
-from draftopt.kernels._common import alloc, poison_outputs
+from draftopt.kernels._common import poison_outputs
 
 from .test_attention import expected, key_bias_for, random_block_mask
 from .tolerances import assert_close
-
-pytestmark = pytest.mark.gpu
-
 
 def _require_sm90():
     if not (torch.cuda.is_available() and attention_sm90.HAVE_GLUON
@@ -19,7 +16,6 @@ def _require_sm90():
         pytest.skip("needs an sm_90 GPU and Triton's Gluon")
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["one-partition", "warp-specialized"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g, B, H, D, density, visual_bias", [
     (Geometry((2, 16, 32), (8, 16), 77, "end"), 2, 3, 128, 0.3, False),   # tiles cover the grid: no visual bias
@@ -29,7 +25,7 @@ def _require_sm90():
     (Geometry((1, 32, 64), (8, 16), 0, "end"), 1, 1, 128, 1.0, False),    # every block: rings wrap many times
     (Geometry((3, 24, 33), (8, 16), 130, "end"), 2, 1, 64, 0.2, True),
 ], ids=["text-end", "text-end-bias", "padded-d64", "diagonal-only", "dense", "odd"])
-def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype, ws):
+def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
     _require_sm90()
     q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
     kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, density, "cuda")
@@ -39,12 +35,31 @@ def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype, ws):
     bias = key_bias_for(g, key_keep, "cuda")
     qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
     with poison_outputs():
-        out_p = alloc(qp.shape, dtype, "cuda")
-        attention_sm90.attend_sm90(qp, kp, vp, out_p, kv_idx, kv_cnt, bias.expand(B, H, g.padded_len), D ** -0.5,
-                                   g.n_tiles, g.n_text_blocks, visual_bias, ws=ws)
+        out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
+                                               g.n_text_blocks, visual_bias)
     assert_close(unpermute_tiles(out_p, g), expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
-def test_sm90_supported_rules():
-    q = torch.empty(1, 1, 128, 128, dtype=torch.bfloat16)
-    assert not attention_sm90.supported(q, 128), "CPU tensors never take the Gluon path"
+@pytest.mark.parametrize("stages", [(2, 2), (3, 2)])
+def test_sm90_ring_sizes(stages):
+    """Other K / V ring sizes (the sweep's alternatives) compute the same."""
+    _require_sm90()
+    g = Geometry((2, 16, 32), (8, 16), 77, "end")
+    q, k, v = (torch.randn(1, 2, g.padded_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(1, 2, g.n_tiles, 0.5, "cuda")
+    bias = key_bias_for(g, torch.ones(1, g.seq_len, dtype=torch.bool, device="cuda"), "cuda")
+    want = attention_sm90.attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True)
+    got = attention_sm90.attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True, *stages)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, D, block", [(torch.float32, 128, 128), (torch.bfloat16, 96, 128),
+                                             (torch.bfloat16, 128, 64)])
+def test_sm90_not_supported(dtype, D, block):
+    """float32, other head dims and other block sizes stay on the Triton kernel."""
+    q = torch.empty(1, 1, 128, D, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert not attention_sm90.supported(q, block)
+
+
+def test_sm90_not_on_cpu():
+    assert not attention_sm90.supported(torch.empty(1, 1, 128, 128, dtype=torch.bfloat16), 128)
