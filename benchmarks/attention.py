@@ -7,10 +7,13 @@ bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 - dense SDPA with the cuDNN backend, and with the flash backend;
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
-- draftopt total (all five stages, permute and unpermute fused into the
-  attention kernel, replayed from a CUDA graph as a compiled model runs them),
-  and each stage on its own: the fused attend stage, and for comparison the
-  unfused permute, tile-major attend and unpermute.
+- draftopt total (all five stages as ``draft_attention`` runs them, replayed
+  from a CUDA graph as a compiled model runs them), and each stage on its own:
+  pool, draft map, select, permute, attend (tile-major: the Gluon kernel on
+  sm_90, else the Triton kernel), unpermute; stages 3-5 as the one op the pass
+  emits (``tiled_attention``: on sm_90 permute + Gluon + unpermute, elsewhere
+  the Triton kernel addressing tiles in place); and the Triton attention kernel
+  on the same tiles, for comparison.
 
 Columns: median ms (triton.testing.do_bench), speedup over the best dense
 backend, TFLOP/s on the computed blocks (attention rows only), peak extra
@@ -33,7 +36,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from _shapes import SHAPES, shape
 from _timing import graphed
 from draftopt.kernels import Geometry, draft_attention
-from draftopt.kernels.attention import block_sparse_attention, tiled_attention
+from draftopt.kernels import attention_sm90
+from draftopt.kernels.attention import (block_sparse_attention, block_sparse_attention_triton, launch_config,
+                                       permuted_key_bias, tiled_attention)
 from draftopt.kernels.block_mask import indices_to_dense
 from draftopt.kernels.permute import permute_tiles, unpermute_tiles
 from draftopt.kernels.pool import tile_pool
@@ -93,25 +98,30 @@ def bench_shape(name, sparsities, flex_compiled):
         kv_idx, kv_cnt = select_blocks(P, s, "percentile")
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
         out_p = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, scale=scale)
+        bias = permuted_key_bias(None, 1, heads, geom, q.device)
+        attend_kernel = "Gluon, sm_90" if attention_sm90.supported(qp, geom.block) else "Triton"
         flex_mask, blocks = flex_block_mask(kv_idx, kv_cnt, geom)
         kept_flops = int(blocks.sum()) * 4 * geom.block * geom.block * 128
         stages = {
             "stage pool (q, k)": lambda: (tile_pool(q, geom), tile_pool(k, geom)),
             "stage draft map": lambda: draft_map(qp_pool, kp_pool, scale),
             "stage select": lambda: select_blocks(P, s, "percentile"),
-            "stage attend, tiles in place (fused 3-5)": lambda: tiled_attention(q, k, v, kv_idx, kv_cnt, geom,
-                                                                                scale=scale),
-            "unfused: permute (q, k, v)": lambda: [permute_tiles(t, geom) for t in (q, k, v)],
-            "unfused: attend (tile-major)": lambda: block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom,
-                                                                           scale=scale),
-            "unfused: unpermute": lambda: unpermute_tiles(out_p, geom),
+            "stage permute (q, k, v)": lambda: [permute_tiles(t, geom) for t in (q, k, v)],
+            f"stage attend ({attend_kernel})": lambda: block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom,
+                                                                              scale=scale),
+            "stage unpermute": lambda: unpermute_tiles(out_p, geom),
+            "stages 3-5 as one op (tiled_attention)": lambda: tiled_attention(q, k, v, kv_idx, kv_cnt, geom,
+                                                                              scale=scale),
+            "attend, Triton kernel (tile-major)": lambda: block_sparse_attention_triton(
+                qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks,
+                launch_config(q.dtype, geom.block, 128), geom.has_visual_padding),
         }
         total = graphed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s))
         ms, mem = timed(total, base)
         row("draftopt total (CUDA graph)", s, ms, mem, kept_flops, best)
         for label, fn in stages.items():
             ms, mem = timed(fn, base)
-            row(label, s, ms, mem, kept_flops if "attend" in label else None, None)
+            row(label, s, ms, mem, kept_flops if "attend" in label or "3-5" in label else None, None)
         if flex_compiled is not None:
             ms, mem = timed(lambda: flex_compiled(qp, kp, vp, block_mask=flex_mask), base)
             row("FlexAttention (compiled, same blocks)", s, ms, mem, kept_flops, best)

@@ -344,10 +344,13 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
 def tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias=True, config=None):
     """Original-order q, k, v [B, H, L, D] -> output in the original order, with q's strides.
 
-    On Hopper (``attention_sm90.supported``) the Gluon kernel on permuted copies beats
-    the in-place Triton kernel by far (HunyuanVideo 720p, 0.9: ~40 ms with the copies
-    vs 54 ms; BENCHMARKS.md), so it runs permute -> Gluon kernel -> unpermute.
+    On Hopper the Gluon kernel runs instead (BENCHMARKS.md: HunyuanVideo 720p at 0.9,
+    38 ms with permuted copies vs 54 ms for this Triton kernel in place): addressing
+    tiles in place through TMA boxes at batch 1, else on permuted copies.
     """
+    if config is None and attention_sm90.in_place_supported(q, k, v, geom):
+        return torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
+                                                       visual_bias)
     if config is None and attention_sm90.supported(q, geom.block):
         src = permuted_source_index(geom, q.device)
         qp, kp, vp = (gather_rows_triton(t, src) for t in (q, k, v))

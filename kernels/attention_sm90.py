@@ -32,7 +32,7 @@ import functools
 
 import torch
 
-from ._common import LOG2E, alloc
+from ._common import LOG2E, alloc, alloc_like
 
 try:  # Gluon ships with Triton >= 3.5; without it (or on other GPUs) the Triton kernel runs.
     from triton.experimental import gluon
@@ -78,6 +78,54 @@ if HAVE_GLUON:
         _tma_load(desc, [row, 0], bar, buf, pred=pred)
 
     @gluon.jit
+    def _as_block_36(buf, desc):
+        return buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+
+    @gluon.jit
+    def _as_block_new(buf, desc):
+        return buf.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+
+    # ``buf`` viewed with a descriptor's block shape and layout (same bytes; Triton 3.6 spells it _reinterpret).
+    _as_block = _as_block_36 if hasattr(gl.shared_memory_descriptor, "_reinterpret") else _as_block_new
+
+    @gluon.jit
+    def _box(kb, nw, nhw, sub, TILE_H: gl.constexpr, box):
+        """Coordinates [t, row, col] of visual tile kb's box (sub-box ``sub`` of a split tile) in [T, H, W]."""
+        return kb // nhw, ((kb % nhw) // nw) * TILE_H + sub * box.block_type.shape[2], (kb % nw) * box.block_type.shape[3]
+
+    @gluon.jit
+    def _load_block(tm, box, txt, buf, bar, kb, row_tm, h, n_tiles, nw, nhw, sub,
+                    BLOCK: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
+        """TMA-load block kb (or its half ``sub``) into ``buf`` [rows, D]. From the tile-major copy at row
+        ``row_tm``, or in place: a visual tile as a box of the [heads, T, H, W, D] view, a text block as rows
+        of [heads, L_text, D]. Rows outside the tensor (edge tiles, the text's end) arrive as zeros."""
+        if IN_PLACE:
+            if kb < n_tiles:
+                t, a, c = _box(kb, nw, nhw, sub, TILE_H, box)
+                mbarrier.expect(bar, box.block_type.nbytes)
+                _tma_load(box, [h, t, a, c, 0], bar, _as_block(buf, box))
+            else:
+                mbarrier.expect(bar, txt.block_type.nbytes)
+                _tma_load(txt, [h, (kb - n_tiles) * BLOCK + sub * txt.block_type.shape[1], 0], bar,
+                          _as_block(buf, txt))
+        else:
+            _issue(tm, buf, bar, row_tm, True)
+
+    @gluon.jit
+    def _store_block(tm, box, txt, buf, kb, row_tm, h, n_tiles, nw, nhw, sub,
+                     BLOCK: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
+        """TMA-store ``buf`` as half ``sub`` of query block kb (the mirror of ``_load_block``; clipped at the edges)."""
+        if IN_PLACE:
+            if kb < n_tiles:
+                t, a, c = _box(kb, nw, nhw, sub, TILE_H, box)
+                _tma_store(box, [h, t, a, c, 0], _as_block(buf, box))
+            else:
+                _tma_store(txt, [h, (kb - n_tiles) * BLOCK + sub * txt.block_type.shape[1], 0],
+                           _as_block(buf, txt))
+        else:
+            _tma_store(tm, [row_tm, 0], buf)
+
+    @gluon.jit
     def _softmax(s, m_i, l_i, bias_ptr, qk_scale, APPLY_BIAS: gl.constexpr, BLOCK: gl.constexpr,
                  s_layout: gl.constexpr):
         """One key block into the running softmax (log2 units): (P, m_new, alpha, l_new)."""
@@ -96,27 +144,32 @@ if HAVE_GLUON:
         return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                  idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
-                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
+                  q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                  idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
+                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # both halves of the query block
-        _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [q_row + ROWS, 0], q_bar, q_smem.index(1))
+        for c in gl.static_range(2):  # the two halves of the query block, one per consumer
+            _load_block(q_desc, qv_desc, qt_desc, q_smem.index(c), q_bar, pid_m, q_row + c * ROWS, h, n_tiles,
+                        nw, nhw, c, BLOCK, TILE_H, IN_PLACE)
         for j in range(n_total):
             kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
             ks = j % K_STAGES
             mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)  # passes at once on a fresh buffer
-            _issue(k_desc, k_smem.index(ks), k_ready.index(ks), kr, True)
+            _load_block(k_desc, kv_desc, kt_desc, k_smem.index(ks), k_ready.index(ks), kb, kr, h, n_tiles, nw, nhw,
+                        0, BLOCK, TILE_H, IN_PLACE)
             vs = j % V_STAGES
             mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-            _issue(v_desc, v_smem.index(vs), v_ready.index(vs), kr, True)
+            _load_block(v_desc, vv_desc, vt_desc, v_smem.index(vs), v_ready.index(vs), kb, kr, h, n_tiles, nw, nhw,
+                        0, BLOCK, TILE_H, IN_PLACE)
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                  bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                  VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem,
+                  q_bar, k_ready, k_empty, v_ready, v_empty,
+                  bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h, nw, nhw,
+                  VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -175,16 +228,21 @@ if HAVE_GLUON:
         l_o = gl.where(l_o == 0.0, 1.0, l_o)  # rows whose keys are all masked -> zeros
         q_mine.store((acc / l_o[:, None]).to(dtype))  # these q rows are no longer read
         fence_async_shared()
-        _tma_store(o_desc, [q_row + c * ROWS, 0], q_mine)
+        _store_block(o_desc, ov_desc, ot_desc, q_mine, pid_m, q_row + c * ROWS, h, n_tiles, nw, nhw, c,
+                     BLOCK, TILE_H, IN_PLACE)
         tma.store_wait(0)
 
     @gluon.jit
     def _attend_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Bias, KvIdx, KvCnt,
+        q_desc, k_desc, v_desc, o_desc, qv_desc, kv_desc, vv_desc, ov_desc, qt_desc, kt_desc, vt_desc, ot_desc,
+        Bias, KvIdx, KvCnt,
         stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
-        n_heads, n_tiles, n_text_blocks, Lp, qk_scale,
+        n_heads, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw,
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+        TILE_H: gl.constexpr, IN_PLACE: gl.constexpr,
     ):
+        # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
+        # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]  # query rows per consumer warpgroup
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
@@ -212,7 +270,7 @@ if HAVE_GLUON:
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_bar, count=2)  # one expect-tx per half
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -222,21 +280,41 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
-                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                         VISUAL_BIAS, K_STAGES, V_STAGES)),
-            (_consumer, (1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bias_bh,
-                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                         VISUAL_BIAS, K_STAGES, V_STAGES)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row,
-                         K_STAGES, V_STAGES)),
+            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h,
+                         nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
+            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h,
+                         nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
+            (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
+                         q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
+                         K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
         ], [4, 1], [232, 24])  # consumer 1: 4 warps, 232 registers; producer: 1 warp, 24
 
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GLUON else {}
 
 # K and V rings: 2 and 3 buffers (q 32 KB + 5 x 32 KB at D = 128; one program per SM).
 # Sweep at HunyuanVideo 720p 0.9: 37.9 ms vs 38.4 for 2 + 2 and 38.6 for 3 + 2.
 K_STAGES, V_STAGES = 2, 3
+
+
+def _desc(t, shape, strides, block, gl_dtype):
+    return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+
+
+def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
+            visual_bias, in_place, k_stages, v_stages):
+    bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
+    _attend_sm90_kernel[(Lp // BLOCK, kv_cnt.shape[0] * n_heads)](
+        *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
+        bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        n_heads, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw,
+        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, TILE_H=tile_h, IN_PLACE=in_place,
+        num_warps=4,
+    )
 
 
 def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
@@ -245,23 +323,52 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
     B, H, Lp, D = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = alloc((B, H, Lp, D), q.dtype, q.device)
-    bias = bias.expand(B, H, Lp)
-    kv_idx = kv_idx.contiguous()
-    gl_dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    gl_dtype = _GL_DTYPES[q.dtype]
     rows = B * H * Lp
-
-    def desc(t, block_rows):  # t viewed as [B * H * Lp, D], block_rows x D tiles
-        return TensorDescriptor(t, [rows, D], [D, 1], [block_rows, D],
-                                gl.NVMMASharedLayout.get_default_for([block_rows, D], gl_dtype))
-
     # q and out move in halves: each consumer warpgroup loads and stores its own 64 rows.
-    _attend_sm90_kernel[(Lp // BLOCK, B * H)](
-        desc(q, BLOCK // 2), desc(k, BLOCK), desc(v, BLOCK), desc(out, BLOCK // 2), bias, kv_idx, kv_cnt,
-        bias.stride(0), bias.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        H, n_tiles, n_text_blocks, Lp, scale * LOG2E,
-        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, num_warps=4,
-    )
+    tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
+          for t in (q, k, v, out)]
+    _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, H, n_tiles, n_text_blocks, Lp, 1, 1, 2,
+            visual_bias, False, k_stages, v_stages)
+    return out
+
+
+def in_place_supported(q, k, v, geom) -> bool:
+    """Whether ``attend_sm90_in_place`` can address these original-order tensors directly (batch 1, TMA-legal strides)."""
+    th, tw = geom.tile
+    return (supported(q, geom.block) and q.shape[0] == 1 and th % 2 == 0 and tw % 8 == 0
+            and all(t.stride(-1) == 1 and t.stride(1) % 8 == 0 and t.stride(2) % 8 == 0
+                    and t.data_ptr() % 16 == 0 for t in (q, k, v)))
+
+
+def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias,
+                         k_stages=K_STAGES, v_stages=V_STAGES):
+    """Stages 3-5 in one kernel: original-order q, k, v [1, H, L, D] -> output with q's strides.
+
+    Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
+    clipped by the copy engine: zeros in, nothing out), text blocks as rows of the
+    text; no permuted copies exist.
+    """
+    _, H, L, D = q.shape
+    (T, Hg, Wg), (th, tw) = geom.grid, geom.tile
+    out = alloc_like(q)
+    gl_dtype = _GL_DTYPES[q.dtype]
+    n_text = geom.text_len or L  # without text the text descriptors are never used
+
+    def views(t, half):
+        sH, sL = t.stride(1), t.stride(2)
+        rows = BLOCK // 2 if half else BLOCK
+        flat = _desc(t[0, 0], [L, D], [sL, 1], [rows, D], gl_dtype)  # only for its block type
+        box = _desc(t[0, :, geom.visual_offset:], [H, T, Hg, Wg, D], [sH, Hg * Wg * sL, Wg * sL, sL, 1],
+                    [1, 1, th // 2 if half else th, tw, D], gl_dtype)
+        text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [H, n_text, D], [sH, sL, 1],
+                     [1, rows, D], gl_dtype)
+        return flat, box, text
+
+    (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
+    _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, H,
+            geom.n_tiles, geom.n_text_blocks, geom.padded_len, geom.tiles_hw[1], geom.tiles_hw[0] * geom.tiles_hw[1],
+            th, visual_bias, True, k_stages, v_stages)
     return out
 
 
@@ -277,3 +384,18 @@ def _attend_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: t
 @_attend_sm90_op.register_fake
 def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("draftopt::attend_sm90_in_place", mutates_args=())
+def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
+                             kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int,
+                             tw: int, text_len: int, text_first: bool, visual_bias: bool) -> torch.Tensor:
+    from .geometry import Geometry
+
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    return attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias)
+
+
+@_attend_sm90_in_place_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_first, visual_bias):
+    return torch.empty_like(q)

@@ -63,3 +63,37 @@ def test_sm90_not_supported(dtype, D, block):
 
 def test_sm90_not_on_cpu():
     assert not attention_sm90.supported(torch.empty(1, 1, 128, 128, dtype=torch.bfloat16), 128)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("g, H, D, visual_bias", [
+    (Geometry((2, 16, 32), (8, 16), 77, "end"), 3, 128, False),
+    (Geometry((3, 12, 20), (8, 16), 0, "end"), 2, 64, True),        # edge tiles: boxes clipped by the TMA unit
+    (Geometry((2, 24, 40), (8, 16), 300, "start"), 2, 128, True),   # text first, 3 text blocks, padded grid
+    (Geometry((1, 32, 64), (4, 32), 0, "end"), 1, 128, False),      # another tile shape
+], ids=["text-end", "padded-d64", "text-start", "tile4x32"])
+def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
+    """Stages 3-5 in one kernel: tiles read and written where they lie (batch 1), any strides SDPA uses."""
+    _require_sm90()
+    dtype = torch.bfloat16
+    q, k, v = (torch.randn(1, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
+    if layout == "blhd":  # SDPA's usual input: a transposed view of [B, L, heads, D]
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert attention_sm90.in_place_supported(q, k, v, g)
+    kv_idx, kv_cnt = random_block_mask(1, H, g.n_tiles, 0.4, "cuda")
+    key_keep = torch.ones(1, g.seq_len, dtype=torch.bool, device="cuda")
+    if g.text_len > 1:
+        key_keep[0, g.text_offset + g.text_len // 2: g.text_offset + g.text_len] = False
+    bias = key_bias_for(g, key_keep, "cuda")
+    with poison_outputs():
+        out = torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(),
+                                                      visual_bias)
+    assert out.stride() == q.stride()
+    assert_close(out, expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
+
+
+def test_sm90_in_place_refuses_batches():
+    """Batch > 1 cannot be one TMA box view: the permuted-copy path takes it."""
+    g = Geometry((2, 16, 32), (8, 16), 0, "end")
+    q = torch.empty(2, 2, g.seq_len, 128, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert not attention_sm90.in_place_supported(q, q, q, g)
