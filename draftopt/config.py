@@ -38,10 +38,11 @@ class DraftConfig:
         enabled: False compiles the graph unchanged (the dense steps of ``draftopt.dense``).
         capture_masks: record every call's block mask (``draftopt.captured_masks()``); for
             inspection and pictures, off by default (no cost when off).
-        fuse_permute: one kernel reads each tile of q, k, v in place and writes the output
-            rows back to their places (stages 3-5 fused, ``draftopt::tiled_attention``) where
-            that is faster: grids the tiles cover exactly (``kernels.attention.fuse_pays``).
-            False always keeps separate permute / attention / unpermute ops.
+        fuse_permute: one op for stages 3-5 (``draftopt::tiled_attention``: the kernel reads
+            each tile of q, k, v in place and writes the output rows back) where that is
+            faster (``kernels.attention.fuse_pays``): always on Hopper (the Gluon kernel),
+            elsewhere on grids the tiles cover exactly. False always keeps separate
+            permute / attention / unpermute ops.
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity

@@ -19,7 +19,12 @@ box order of the tile-major layout, see geometry.py) and writes the output
 rows back in place, so no permuted copies exist. ``fuse_pays`` says for which
 geometries that is the faster choice.
 
-One program computes one query block with an online softmax in float32
+On Hopper (sm_90, 16-bit, D 64 or 128, 128-token blocks) both ops run the
+Gluon kernel of attention_sm90.py (warp-specialized, TMA, wgmma: ~88% of
+cuDNN's dense throughput against ~62% for the Triton kernel below); an explicit
+``config`` forces the Triton kernel (the sweeps use it).
+
+Triton kernel: one program computes one query block with an online softmax in float32
 (FlashAttention-2 style, exp2, ``tl.dot`` on [BLOCK, D] tiles). A row whose
 keys are all masked returns zeros rather than NaN. ``visual_bias=False`` lets
 the kernel skip the bias add on visual key tiles (nothing can mask them).
@@ -375,14 +380,19 @@ def needs_visual_bias(has_mask: bool, geom) -> bool:
     return has_mask or geom.has_visual_padding
 
 
-def fuse_pays(geom) -> bool:
-    """Whether addressing tiles in place beats permuted copies for this geometry.
+def fuse_pays(geom, q: torch.Tensor | None = None) -> bool:
+    """Whether stages 3-5 as one ``tiled_attention`` op beat separate permute, attend, unpermute.
 
-    Measured on an H100 (bf16, sparsity 0.9, BENCHMARKS.md): with no padding rows
-    the fused kernel saves the permutes (HunyuanVideo 720p: 54.1 ms vs 55.3 + 2.4);
-    when edge tiles hold padding rows its masked loads cost more than the copies
-    (Wan2.1-14B 720p: 37.4 ms vs 33.1 + 2.4).
+    Measured on an H100 (bf16, sparsity 0.9, BENCHMARKS.md). With the Gluon kernel
+    (sm_90, ``q`` given) always: it reads tiles in place at batch 1, edge tiles
+    clipped by the TMA unit at no cost (HunyuanVideo 720p: 37.6 ms vs 36.5 + 2.4
+    for the copies), and permutes inside the op otherwise. With the Triton kernel
+    only where no tile holds padding rows: its masked loads cost more than the
+    copies there (Wan2.1-14B 720p: 37.4 ms vs 33.1 + 2.4), not elsewhere
+    (HunyuanVideo 720p: 54.1 ms vs 55.3 + 2.4).
     """
+    if q is not None and attention_sm90.supported(q, geom.block):
+        return True
     return not geom.has_visual_padding
 
 

@@ -92,7 +92,7 @@ def draft_attention(
 
     bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
     visual_bias = needs_visual_bias(attn_mask is not None, geom)
-    if fuse_pays(geom):  # stages 3-5 in one kernel: tiles addressed in place, no permuted copies
+    if fuse_pays(geom, q):  # stages 3-5 in one op (tiles addressed in place where the kernel can)
         out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale, visual_bias=visual_bias)
     else:
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))

@@ -103,7 +103,7 @@ class DraftAttentionPass:
                 continue
             _rewrite(gm.graph, site, geom, scale, cfg)
             rec.status = "rewritten"
-            rec.fused = _fused(cfg, geom)
+            rec.fused = _fused(cfg, geom, example_value(site.q))
             self.counters["rewritten"] += 1
             log.info("draftopt: rewrote %s (%s)", rec.name, geom)
         if self.counters["rewritten"]:
@@ -195,10 +195,10 @@ class DraftAttentionPass:
         raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried))
 
 
-def _fused(cfg, geom) -> bool:
+def _fused(cfg, geom, q_val) -> bool:
     from draftopt.kernels.attention import fuse_pays
 
-    return bool(cfg.fuse_permute) and fuse_pays(geom)
+    return bool(cfg.fuse_permute) and fuse_pays(geom, q_val)
 
 
 def _needs_visual_bias(site: AttentionSite, geom) -> bool:
@@ -232,7 +232,7 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
         # The bias add is skipped on visual key tiles when nothing can mask them.
         visual_bias = _needs_visual_bias(site, geom)
-        if _fused(cfg, geom):
+        if _fused(cfg, geom, q_val):
             result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
                           visual_bias)
         else:
