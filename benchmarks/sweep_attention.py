@@ -27,7 +27,7 @@ from draftopt.kernels.select import draft_map, select_blocks
 CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 2, True),
            (128, 64, 8, 3, False), (128, 64, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 8, 2, True)]
 # The Gluon kernel (kernels/attention_sm90.py, Hopper only), tile-major: (K buffers, V buffers).
-SM90_STAGES = [(2, 3), (2, 2), (3, 2)]  # (K buffers, V buffers); the first is the default
+SM90_STAGES = [(2, 3, False), (2, 3, True), (2, 2, True), (3, 2, True)]  # (K, V buffers, ping-pong)
 
 
 def _print_registers(kernel):
@@ -75,18 +75,18 @@ def main():
             rows.append([bm, bn, w, s, in_place, None, None, f"{type(e).__name__}: {str(e)[:60]}"])
         print(rows[-1], flush=True)
     if attention_sm90.supported(q, g.block):
-        for ks, vs in SM90_STAGES:
+        for ks, vs, pp in SM90_STAGES:
             def run_sm90():
                 out = attention_sm90.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks,
-                                                 visual_bias, ks, vs)
+                                                 visual_bias, ks, vs, pp)
                 return unpermute_tiles(out, g)
             try:
                 err = ((run_sm90().float() - want).norm() / want.norm()).item()
                 ms = triton.testing.do_bench(run_sm90, warmup=25, rep=200, return_mode="median")
-                rows.append([f"gluon K{ks} V{vs}", 128, 8, None, False, round(ms, 3), round(flops / ms / 1e9, 1),
+                rows.append([f"gluon K{ks} V{vs}{' pp' if pp else ''}", 128, 8, None, False, round(ms, 3), round(flops / ms / 1e9, 1),
                              f"{err:.1e}"])
             except Exception as e:
-                rows.append([f"gluon K{ks} V{vs}", 128, 8, None, False, None, None,
+                rows.append([f"gluon K{ks} V{vs}{' pp' if pp else ''}", 128, 8, None, False, None, None,
                              f"{type(e).__name__}: {str(e)[:200]}"])
             print(rows[-1], flush=True)
         _print_registers(attention_sm90._attend_sm90_kernel)

@@ -17,13 +17,15 @@ Gluon lets the schedule be written by hand, FlashAttention-3 style:
   barrier both consumers arrive on when their wgmma has read it);
 - two consumer warpgroups, 64 query rows each, run on their own: no CTA-wide
   barrier ties them, so one's softmax overlaps the other's matrix products;
+- the consumers take turns issuing their products (an mbarrier pair), so one
+  warpgroup's softmax runs while the other's matrix products do;
 - within a consumer, the wgmma of S_j = Q K_j^T and of O += P_{j-1} V_{j-1} are
   issued back to back and the softmax of S_j runs while the second one does;
 - P stays in registers as the A operand of the second wgmma; the output goes
   back through shared memory and a TMA store.
 
-Measured on an H100 (HunyuanVideo 720p, sparsity 0.9): 547 TFLOP/s, against 393
-for the Triton kernel and 633 for dense cuDNN (benchmarks/NOTES.md, v6).
+Measured on an H100 (HunyuanVideo 720p, sparsity 0.9, tile-major): 562 TFLOP/s,
+against 399 for the Triton kernel and 641 for dense cuDNN (benchmarks/NOTES.md, v6-v8).
 """
 
 from __future__ import annotations
@@ -166,10 +168,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem,
-                  q_bar, k_ready, k_empty, v_ready, v_empty,
+                  q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h, nw, nhw,
                   VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
+                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -203,9 +205,13 @@ if HAVE_GLUON:
             ks = j % K_STAGES
             vs = (j - 1) % V_STAGES
             mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+            if PINGPONG:  # take turns issuing the two products: one warpgroup's softmax runs under the other's
+                mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
             s_tok = warpgroup_mma(q_mine, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
             acc_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - c))
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks))
             # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
@@ -239,7 +245,7 @@ if HAVE_GLUON:
         stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
         n_heads, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw,
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-        TILE_H: gl.constexpr, IN_PLACE: gl.constexpr,
+        TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr,
     ):
         # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
         # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
@@ -271,6 +277,9 @@ if HAVE_GLUON:
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=2)  # one expect-tx per half
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -281,11 +290,11 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h,
-                         nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
+                         v_empty, turn, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
             (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h,
-                         nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
+                         v_empty, turn, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
@@ -298,6 +307,9 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GL
 # K and V rings: 2 and 3 buffers (q 32 KB + 5 x 32 KB at D = 128; one program per SM).
 # Sweep at HunyuanVideo 720p 0.9: 37.9 ms vs 38.4 for 2 + 2 and 38.6 for 3 + 2.
 K_STAGES, V_STAGES = 2, 3
+# Consumers take turns issuing their products (FlashAttention-3's "ping-pong"), so one's
+# softmax runs under the other's matrix products: 36.9 ms vs 37.9-42.8 without (sweep, H100).
+PINGPONG = True
 
 
 def _desc(t, shape, strides, block, gl_dtype):
@@ -305,7 +317,7 @@ def _desc(t, shape, strides, block, gl_dtype):
 
 
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, k_stages, v_stages):
+            visual_bias, in_place, k_stages, v_stages, pingpong):
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
     _attend_sm90_kernel[(Lp // BLOCK, kv_cnt.shape[0] * n_heads)](
         *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
@@ -313,12 +325,12 @@ def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_t
         kv_cnt.stride(0), kv_cnt.stride(1),
         n_heads, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw,
         VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, TILE_H=tile_h, IN_PLACE=in_place,
-        num_warps=4,
+        PINGPONG=pingpong, num_warps=4,
     )
 
 
 def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                k_stages=K_STAGES, v_stages=V_STAGES):
+                k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG):
     """Tile-major q, k, v [B, H, Lp, D] -> tile-major output; ``bias`` [B|1, H|1, Lp] float32."""
     B, H, Lp, D = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
@@ -329,7 +341,7 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
     tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
           for t in (q, k, v, out)]
     _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, H, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, k_stages, v_stages)
+            visual_bias, False, k_stages, v_stages, pingpong)
     return out
 
 
@@ -342,7 +354,7 @@ def in_place_supported(q, k, v, geom) -> bool:
 
 
 def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias,
-                         k_stages=K_STAGES, v_stages=V_STAGES):
+                         k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG):
     """Stages 3-5 in one kernel: original-order q, k, v [1, H, L, D] -> output with q's strides.
 
     Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
@@ -368,7 +380,7 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias
     (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
     _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, H,
             geom.n_tiles, geom.n_text_blocks, geom.padded_len, geom.tiles_hw[1], geom.tiles_hw[0] * geom.tiles_hw[1],
-            th, visual_bias, True, k_stages, v_stages)
+            th, visual_bias, True, k_stages, v_stages, pingpong)
     return out
 
 

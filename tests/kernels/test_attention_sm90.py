@@ -40,9 +40,9 @@ def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
     assert_close(unpermute_tiles(out_p, g), expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
-@pytest.mark.parametrize("stages", [(2, 2), (3, 2)])
-def test_sm90_ring_sizes(stages):
-    """Other K / V ring sizes (the sweep's alternatives) compute the same."""
+@pytest.mark.parametrize("stages", [(2, 2, False), (3, 2, False), (2, 3, True), (3, 2, True)])
+def test_sm90_schedules(stages):
+    """Other K / V ring sizes and the ping-pong schedule (the sweep's alternatives) compute the same."""
     _require_sm90()
     g = Geometry((2, 16, 32), (8, 16), 77, "end")
     q, k, v = (torch.randn(1, 2, g.padded_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
