@@ -2,9 +2,11 @@
 
     python benchmarks/select_breakdown.py [--shape hunyuan720p] [--sparsity 0.9]
 
-Times select_blocks as a whole and each step of its CUDA path on one real-model
-draft map (median of triton.testing.do_bench); prints a table last and writes
-JSON/CSV to $OUT (or .).
+Times select_blocks as a whole, each step of its CUDA path (sample -> bracket,
+bracket pass, radix levels, threshold + ties, compaction: CUDA-graph replays of
+the steps so far, minus the previous) and the torch.topk path it replaced, on
+one real-model draft map (median of triton.testing.do_bench); prints a table
+last and writes JSON/CSV to $OUT (or .).
 """
 
 import argparse
@@ -14,9 +16,11 @@ import triton
 from tabulate import tabulate
 
 from _results import save_table
+from _timing import graphed
 from _shapes import SHAPES, shape
 from draftopt.kernels.pool import tile_pool
-from draftopt.kernels.select import _with_diagonal, compact_triton, draft_map, keep_count, select_blocks
+from draftopt.kernels.select import (_keep_percentile, _with_diagonal, compact_triton, draft_map, keep_count,
+                                     percentile_launches, select_blocks)
 
 
 
@@ -36,6 +40,9 @@ def main():
     keep_d = _with_diagonal(keep)
     steps = {
         "select_blocks (all)": lambda: select_blocks(P, args.sparsity, "percentile"),
+        "select_blocks (all), CUDA graph": graphed(lambda: select_blocks(P, args.sparsity, "percentile")),
+        "topk path (all, replaced)": lambda: compact_triton(_keep_percentile(P, args.sparsity), S),
+        "topk path (all, replaced), CUDA graph": graphed(lambda: compact_triton(_keep_percentile(P, args.sparsity), S)),
         "topk indices over S^2": lambda: flat.topk(n_keep, dim=-1, sorted=False),
         "scatter into bool": lambda: torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True),
         "OR diagonal": lambda: _with_diagonal(keep),
@@ -43,8 +50,14 @@ def main():
         "kthvalue over S^2 (alternative)": lambda: flat.kthvalue(S * S - n_keep + 1, dim=-1),
         "sort over S^2 (alternative)": lambda: flat.sort(dim=-1, descending=True),
     }
-    rows = [[name, round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), 4)]
-            for name, fn in steps.items()]
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    rows = [[name, round(bench(fn), 4)] for name, fn in steps.items()]
+    new_steps, _, _ = percentile_launches(P.contiguous(), args.sparsity)
+    before = 0.0
+    for i, (name, _) in enumerate(new_steps):  # each step: graph of the steps up to it, minus the one before
+        upto = bench(graphed(lambda i=i: [step() for _, step in new_steps[: i + 1]]))
+        rows.append([f"new path: {name}", round(upto - before, 4)])
+        before = upto
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 shape=args.shape, sparsity=args.sparsity, S=S, heads=H, keep_per_head=n_keep)
     save_table("select_breakdown", ["step", "ms"], rows, meta)

@@ -51,6 +51,17 @@ def percentile_keep(P, sparsity):
     return torch.from_numpy(keep)
 
 
+def percentile_keep_exact(P, sparsity):
+    """The paper's rule with exactly ceil((1-s)*S*S) entries per (batch, head) (+ diagonal): a stable
+    descending float64 sort, so NaN ranks first, -0.0 ties +0.0 and ties go in row-major order."""
+    B, H, S, _ = P.shape
+    n = max(1, math.ceil(round((1 - sparsity) * S * S, 6)))
+    flat = P.double().reshape(B, H, S * S)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(flat.shape, dtype=torch.bool).scatter_(-1, order, True).reshape(B, H, S, S)
+    return keep | torch.eye(S, dtype=torch.bool)
+
+
 def topk_keep(P, sparsity):
     P = P.double().numpy()
     S = P.shape[-1]

@@ -7,7 +7,8 @@ from torch.library import opcheck
 from draftopt.kernels import DraftBlockMask, Geometry, draft_map, select_blocks
 from draftopt.kernels._common import poison_outputs
 from draftopt.kernels.block_mask import indices_to_dense
-from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton
+from draftopt.kernels import select as sel
+from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton, percentile_select_triton
 
 from . import reference as ref
 
@@ -84,6 +85,117 @@ def test_sparsity_zero_keeps_everything(device, policy):
     P = random_map(1, 2, 9, device)
     kv_idx, kv_cnt = select_blocks(P, 0.0, policy)
     assert kept(kv_idx, kv_cnt).all()
+
+
+@pytest.fixture
+def small_radix(monkeypatch, device):
+    """Under the interpreter, sizes that give every head several programs and a small sample
+    (on the GPU the real sizes are tested)."""
+    if device == "cpu":
+        sizes = dict(SAMPLE=64, BRACKET_BLOCK=256, RADIX_BLOCK=128, RADIX_CHUNK=512, TIES_BLOCK=128, TIES_ROWS=16,
+                     COMPACT_TILE=1024)
+        for name, value in sizes.items():
+            monkeypatch.setattr(sel, name, value)
+
+
+def check_percentile_triton(P, sparsity, cap=None):
+    """The Triton percentile path against the float64 reference: the same kept set, lists ascending,
+    dead slots on the diagonal, every output written."""
+    with poison_outputs():
+        kv_idx, kv_cnt = percentile_select_triton(P, sparsity, cap=cap)
+    B, H, S, _ = P.shape
+    assert kv_idx.shape == (B, H, S, S) and kv_idx.dtype == kv_cnt.dtype == torch.int32
+    assert torch.equal(kept(kv_idx, kv_cnt), ref.percentile_keep_exact(P.cpu(), sparsity))
+    live = torch.arange(S, device=P.device) < kv_cnt[..., None]
+    assert torch.all((kv_idx[..., 1:] > kv_idx[..., :-1]) | ~live[..., 1:])
+    diag = torch.arange(S, device=P.device)[:, None].expand(S, S)
+    assert torch.all(live | (kv_idx == diag))
+
+
+def quantized(P, levels):
+    return (P * levels).floor() / levels  # few distinct values: many ties at the threshold
+
+
+@pytest.mark.parametrize("S, sparsity", [(7, 0.5), (33, 0.9), (33, 0.99), (130, 0.95), (40, 0.0001)])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "all equal"])
+def test_percentile_triton_keeps_exactly_k(device, small_radix, S, sparsity, kind):
+    """Exactly keep_count entries per head (+ diagonal); ties broken in row-major order."""
+    P = random_map(2, 3 if S < 100 else 2, S, device)
+    P = {"distinct": P, "ties": quantized(P, 4), "all equal": torch.zeros_like(P)}[kind]
+    check_percentile_triton(P, sparsity)
+
+
+@pytest.mark.parametrize("cap", [1, 40])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_percentile_triton_over_all_of_p(device, small_radix, cap, sparsity):
+    """Candidate buffers too small for the bracket: the heads select over all of P (or, for a bracket
+    holding one distinct key, take it as the threshold and count its ties in P), same result."""
+    P = random_map(2, 2, 33, device)
+    check_percentile_triton(P, sparsity, cap=cap)
+    check_percentile_triton(quantized(P, 3), sparsity, cap=cap)
+    check_percentile_triton(torch.zeros_like(P), sparsity, cap=cap)
+
+
+def test_percentile_triton_keeps_all_at_sparsity_zero(device, small_radix):
+    P = random_map(1, 2, 17, device)
+    with poison_outputs():
+        kv_idx, kv_cnt = percentile_select_triton(P, 0.0)
+    assert kept(kv_idx, kv_cnt).all() and torch.all(kv_cnt == 17)
+
+
+def test_percentile_triton_special_values(device, small_radix):
+    """NaN ranks above everything (as in torch.topk), -0.0 ties +0.0, negatives and infinities order."""
+    P = random_map(2, 2, 9, device)
+    P[0, 0, 1, 2] = P[0, 0, 5, 5] = P[1, 1, 8, 0] = float("nan")
+    P[0, 1, 3, 3] = -float("nan")
+    P[0, 1, 0, :] = -0.0
+    P[0, 1, 1, :] = 0.0
+    P[0, 0, 4, 1] = float("inf")
+    P[1, 0, 7, :] = -1.0
+    P[1, 0, 6, 2] = -float("inf")
+    for sparsity in (0.3, 0.5, 0.9, 0.99):
+        check_percentile_triton(P, sparsity)
+        check_percentile_triton(P, sparsity, cap=2)
+
+
+def test_percentile_triton_long_rows(device, monkeypatch):
+    """Rows longer than a compaction tile: counted first, then placed."""
+    monkeypatch.setattr(sel, "COMPACT_TILE", 16)
+    if device == "cpu":
+        monkeypatch.setattr(sel, "SAMPLE", 64)
+    P = random_map(1, 2, 37, device)
+    check_percentile_triton(P, 0.5)
+    check_percentile_triton(quantized(P, 4), 0.95)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [200, 630])
+def test_percentile_gpu_matches_torch_topk(S):
+    """On CUDA the new path keeps what torch.topk kept (ties too: topk keeps the first ones)."""
+    P = random_map(1, 4, S, "cuda")
+    for sparsity in (0.5, 0.9, 0.97):
+        for Q in (P, quantized(P, 2**12)):
+            want = compact_triton(sel._keep_percentile(Q, sparsity), S)
+            got = percentile_select_triton(Q, sparsity)
+            assert torch.equal(kept(*got), kept(*want))
+            assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+def test_percentile_gpu_cuda_graph():
+    """No host synchronization: the selection captures in a CUDA graph and replays on new maps."""
+    P = random_map(2, 3, 150, "cuda")
+    static = P.clone()
+    out = percentile_select_triton(static, 0.9)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = percentile_select_triton(static, 0.9)
+    for _ in range(2):
+        static.copy_(random_map(2, 3, 150, "cuda"))
+        graph.replay()
+        want = percentile_select_triton(static, 0.9)
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+        assert torch.equal(kept(*out), ref.percentile_keep_exact(static.cpu(), 0.9))
 
 
 @pytest.mark.parametrize("K", [64, 5])
