@@ -7,17 +7,18 @@ bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 - dense SDPA with the cuDNN backend, and with the flash backend;
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
-- draftopt total (all five stages as ``draft_attention`` runs them, replayed
-  from a CUDA graph as a compiled model runs them), and each stage on its own:
-  pool, draft map, select, permute, attend (tile-major: the Gluon kernel on
-  sm_90, else the Triton kernel), unpermute; stages 3-5 as the one op the pass
-  emits (``tiled_attention``: on sm_90 permute + Gluon + unpermute, elsewhere
-  the Triton kernel addressing tiles in place); and the Triton attention kernel
-  on the same tiles, for comparison.
+- draftopt total (all five stages as ``draft_attention`` runs them), and each
+  stage on its own: pool, draft map, select, permute, attend (tile-major: the
+  Gluon kernel on sm_90, else the Triton kernel), unpermute; stages 3-5 as the
+  one op the pass emits (``tiled_attention``: on sm_90 the Gluon kernel reading
+  and writing tiles in place at batch 1, elsewhere the Triton kernel); and the
+  Triton attention kernel on the same tiles, for comparison. draftopt rows are
+  CUDA-graph replays, as a compiled model runs them (the selection is ~9 small
+  launches: eager, Python would be most of its time).
 
 Columns: median ms (triton.testing.do_bench), speedup over the best dense
-backend, TFLOP/s on the computed blocks (attention rows only), peak extra
-memory. Prints a tabulate table last and writes JSON and CSV to --out.
+backend, TFLOP/s on the computed blocks (attention rows only), peak memory one
+call allocates beyond what is live before it. Prints a tabulate table last and writes JSON and CSV to --out.
 """
 
 from __future__ import annotations
@@ -46,12 +47,21 @@ from draftopt.kernels.select import draft_map, select_blocks
 
 
 
-def timed(fn, base_mem: int) -> tuple[float, float]:
-    """(median ms, peak extra GiB over base_mem)."""
+def timed(fn, graph: bool = False) -> tuple[float, float]:
+    """(median ms, peak GiB that one call allocates beyond what is live before it).
+
+    ``graph``: time CUDA-graph replays of ``fn`` (the GPU time, as a compiled model
+    under CUDA graphs runs it, without Python launch costs); the memory is that of
+    an eager call either way.
+    """
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    return ms, (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+    fn()
+    torch.cuda.synchronize()
+    mem = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = triton.testing.do_bench(graphed(fn) if graph else fn, warmup=25, rep=100, return_mode="median")
+    return ms, mem
 
 
 def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
@@ -73,7 +83,6 @@ def bench_shape(name, sparsities, flex_compiled):
     grid, text_len = geom.grid, geom.text_len
     L = geom.seq_len
     q, k, v = (torch.randn(1, heads, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    base = torch.cuda.memory_allocated()
     dense_flops = 4 * heads * L * L * 128
     rows = []
 
@@ -85,14 +94,14 @@ def bench_shape(name, sparsities, flex_compiled):
     dense = {}
     for label, backend in [("dense cuDNN", SDPBackend.CUDNN_ATTENTION), ("dense flash", SDPBackend.FLASH_ATTENTION)]:
         with sdpa_kernel([backend]):
-            dense[label] = timed(lambda: F.scaled_dot_product_attention(q, k, v), base)
+            dense[label] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     best = min(ms for ms, _ in dense.values())
     for label, (ms, mem) in dense.items():
         row(label, 0.0, ms, mem, dense_flops, best)
 
     scale = 128 ** -0.5
     for s in sparsities:
-        # stages on their own (eager launches: each is one or a few kernels)
+        # stages on their own
         qp_pool, kp_pool = tile_pool(q, geom), tile_pool(k, geom)
         P = draft_map(qp_pool, kp_pool, scale)
         kv_idx, kv_cnt = select_blocks(P, s, "percentile")
@@ -116,14 +125,13 @@ def bench_shape(name, sparsities, flex_compiled):
                 qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks,
                 launch_config(q.dtype, geom.block, 128), geom.has_visual_padding),
         }
-        total = graphed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s))
-        ms, mem = timed(total, base)
+        ms, mem = timed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s), graph=True)
         row("draftopt total (CUDA graph)", s, ms, mem, kept_flops, best)
         for label, fn in stages.items():
-            ms, mem = timed(fn, base)
+            ms, mem = timed(fn, graph=True)
             row(label, s, ms, mem, kept_flops if "attend" in label or "3-5" in label else None, None)
         if flex_compiled is not None:
-            ms, mem = timed(lambda: flex_compiled(qp, kp, vp, block_mask=flex_mask), base)
+            ms, mem = timed(lambda: flex_compiled(qp, kp, vp, block_mask=flex_mask))
             row("FlexAttention (compiled, same blocks)", s, ms, mem, kept_flops, best)
         del qp, kp, vp, out_p, P, kv_idx, kv_cnt, flex_mask, blocks
         torch.cuda.empty_cache()

@@ -67,12 +67,26 @@ def _is_sm90(index) -> bool:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK: gl.constexpr):
-        """(first row of key block j in the [B*H*Lp, D] view, block index): selected tiles, then text."""
-        sel = gl.load(idx_row + gl.maximum(gl.minimum(j, cnt - 1), 0))
-        kb = gl.where(is_text, j, sel)
+    def _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK: gl.constexpr):
+        """(first row of key block j in the [B*H*Lp, D] view, block index): visual tiles (the selected ones,
+        or all for a text query block) from position j0 of their list on, wrapping around; then text."""
+        jr = j + j0
+        jr = gl.where(jr >= n_vis, jr - n_vis, jr)
+        sel = gl.load(idx_row + gl.maximum(gl.minimum(jr, cnt - 1), 0))
+        kb = gl.where(is_text, jr, sel)
         kb = gl.where(j < n_vis, kb, n_tiles + (j - n_vis))
         return bh_row0 + kb * BLOCK, kb
+
+    @gluon.jit
+    def _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS: gl.constexpr):
+        """Block index of key j where the consumer needs it (its bias row). Keys j >= n_vis are text in
+        every query tile, so without a visual bias no index load sits on the softmax's critical path
+        (it did in v8: one dependent global load per key block)."""
+        if VISUAL_BIAS:
+            kb = _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, 0, 1)[1]
+        else:
+            kb = n_tiles + (j - n_vis)
+        return kb
 
     @gluon.jit
     def _issue(desc, buf, bar, row, pred):
@@ -148,7 +162,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                   q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                  idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
+                  idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
                   K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
@@ -156,7 +170,7 @@ if HAVE_GLUON:
             _load_block(q_desc, qv_desc, qt_desc, q_smem.index(c), q_bar, pid_m, q_row + c * ROWS, h, n_tiles,
                         nw, nhw, c, BLOCK, TILE_H, IN_PLACE)
         for j in range(n_total):
-            kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
+            kr, kb = _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK)
             ks = j % K_STAGES
             mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)  # passes at once on a fresh buffer
             _load_block(k_desc, kv_desc, kt_desc, k_smem.index(ks), k_ready.index(ks), kb, kr, h, n_tiles, nw, nhw,
@@ -169,7 +183,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem,
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                  bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h, nw, nhw,
+                  bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h, nw, nhw,
                   VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
@@ -194,8 +208,8 @@ if HAVE_GLUON:
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
         mbarrier.arrive(k_empty.index(0))
-        kr, kb = _key_row(idx_row, 0, cnt, n_vis, is_text, n_tiles, 0, BLOCK)
-        if (kb >= n_tiles) | VISUAL_BIAS:
+        kb = _bias_block(idx_row, 0, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS)
+        if (n_vis <= 0) | VISUAL_BIAS:
             p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
         else:
             p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
@@ -204,6 +218,8 @@ if HAVE_GLUON:
         for j in range(1, n_total):
             ks = j % K_STAGES
             vs = (j - 1) % V_STAGES
+            # Issued before the waits: its latency hides under the products, not in the softmax.
+            kb = _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS)
             mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
             if PINGPONG:  # take turns issuing the two products: one warpgroup's softmax runs under the other's
                 mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
@@ -215,8 +231,7 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks))
             # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
-            kr, kb = _key_row(idx_row, j, cnt, n_vis, is_text, n_tiles, 0, BLOCK)
-            if (kb >= n_tiles) | VISUAL_BIAS:
+            if (j >= n_vis) | VISUAL_BIAS:
                 p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
             else:
                 p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
@@ -243,9 +258,9 @@ if HAVE_GLUON:
         q_desc, k_desc, v_desc, o_desc, qv_desc, kv_desc, vv_desc, ov_desc, qt_desc, kt_desc, vt_desc, ot_desc,
         Bias, KvIdx, KvCnt,
         stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
-        n_heads, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw,
+        n_heads, n_bh, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw, n_sm,
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-        TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr,
+        TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, ROTATE: gl.constexpr,
     ):
         # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
         # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
@@ -254,8 +269,14 @@ if HAVE_GLUON:
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         gl.static_assert(2 * ROWS == BLOCK)
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
+        # One flat grid, heaviest programs first: text query blocks attend to every key block (~10x a
+        # visual tile's work at 0.9), and launched last (v8's order) they ran alone for ~1 ms at the end.
+        pid = gl.program_id(0)
+        n_heavy = n_bh * n_text_blocks
+        is_heavy = pid < n_heavy
+        rest = gl.maximum(pid - n_heavy, 0)
+        pid_m = gl.where(is_heavy, n_tiles + pid % gl.maximum(n_text_blocks, 1), rest % n_tiles)
+        bh = gl.where(is_heavy, pid // gl.maximum(n_text_blocks, 1), rest // n_tiles)
         b = bh // n_heads
         h = bh % n_heads
         bh_row0 = bh * Lp
@@ -265,6 +286,13 @@ if HAVE_GLUON:
         n_vis = gl.where(is_text, n_tiles, cnt)
         n_total = n_vis + n_text_blocks
         idx_row = KvIdx + b * stride_ib + h * stride_ih + row * stride_is
+        j0 = n_vis * 0
+        if ROTATE:
+            # Start each program's sweep over its (ascending) key list where the programs running beside it
+            # are: the i-th of n_sm concurrent programs at i/n_sm of its list. All then read keys near the
+            # same index at any moment, so a head's K and V (65 MB at HunyuanVideo 720p, more than L2) are
+            # read from DRAM about once per wave instead of once per program that selected them.
+            j0 = ((pid % n_sm) * n_vis) // n_sm
         bias_bh = Bias + b * stride_bb + h * stride_bh
         q_row = bh_row0 + pid_m * BLOCK
 
@@ -290,14 +318,14 @@ if HAVE_GLUON:
 
         gl.warp_specialize([
             (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, turn, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
                          pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
             (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, turn, bias_bh, idx_row, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
+                         v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
                          pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
+                         idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
                          K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
         ], [4, 1], [232, 24])  # consumer 1: 4 warps, 232 registers; producer: 1 warp, 24
 
@@ -310,6 +338,14 @@ K_STAGES, V_STAGES = 2, 3
 # Consumers take turns issuing their products (FlashAttention-3's "ping-pong"), so one's
 # softmax runs under the other's matrix products: 36.9 ms vs 37.9-42.8 without (sweep, H100).
 PINGPONG = True
+# Programs start their key sweeps staggered by launch order so concurrent ones read the same keys
+# (L2 reuse; see the kernel). PENDING the H100 sweep: on until measured otherwise.
+ROTATE = True
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sm(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _desc(t, shape, strides, block, gl_dtype):
@@ -317,20 +353,23 @@ def _desc(t, shape, strides, block, gl_dtype):
 
 
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, k_stages, v_stages, pingpong):
+            visual_bias, in_place, k_stages, v_stages, pingpong, rotate):
+    if Lp != (n_tiles + n_text_blocks) * BLOCK:
+        raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
-    _attend_sm90_kernel[(Lp // BLOCK, kv_cnt.shape[0] * n_heads)](
+    n_bh = kv_cnt.shape[0] * n_heads
+    _attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
         *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
         bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
-        n_heads, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw,
+        n_heads, n_bh, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw, _n_sm(kv_cnt.device.index),
         VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, TILE_H=tile_h, IN_PLACE=in_place,
-        PINGPONG=pingpong, num_warps=4,
+        PINGPONG=pingpong, ROTATE=rotate, num_warps=4,
     )
 
 
 def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG):
+                k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG, rotate=ROTATE):
     """Tile-major q, k, v [B, H, Lp, D] -> tile-major output; ``bias`` [B|1, H|1, Lp] float32."""
     B, H, Lp, D = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
@@ -341,20 +380,31 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
     tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
           for t in (q, k, v, out)]
     _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, H, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, k_stages, v_stages, pingpong)
+            visual_bias, False, k_stages, v_stages, pingpong, rotate)
     return out
 
 
 def in_place_supported(q, k, v, geom) -> bool:
-    """Whether ``attend_sm90_in_place`` can address these original-order tensors directly (batch 1, TMA-legal strides)."""
+    """Whether ``attend_sm90_in_place`` can address these original-order tensors directly (batch 1, TMA-legal
+    strides). Reads no data pointer, so it also answers for the fake tensors Inductor traces the op with."""
     th, tw = geom.tile
     return (supported(q, geom.block) and q.shape[0] == 1 and th % 2 == 0 and tw % 8 == 0
-            and all(t.stride(-1) == 1 and t.stride(1) % 8 == 0 and t.stride(2) % 8 == 0
-                    and t.data_ptr() % 16 == 0 for t in (q, k, v)))
+            and all(_tma_strides(t) for t in (q, k, v)))
+
+
+def _tma_strides(t) -> bool:
+    # TMA: unit inner stride, the others and the start 16-byte aligned (8 elements of 16 bits).
+    return t.stride(-1) == 1 and t.stride(1) % 8 == 0 and t.stride(2) % 8 == 0 and t.storage_offset() % 8 == 0
+
+
+def _tma_ready(t):
+    """``t`` itself where TMA can read it in place, else a contiguous copy. A compiled graph decides on the
+    in-place op from fake tensors; the real ones may still sit at an unaligned address (a user's buffer)."""
+    return t if _tma_strides(t) and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias,
-                         k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG):
+                         k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG, rotate=ROTATE):
     """Stages 3-5 in one kernel: original-order q, k, v [1, H, L, D] -> output with q's strides.
 
     Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
@@ -363,7 +413,8 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias
     """
     _, H, L, D = q.shape
     (T, Hg, Wg), (th, tw) = geom.grid, geom.tile
-    out = alloc_like(q)
+    out = _tma_ready(alloc_like(q))
+    q, k, v = (_tma_ready(t) for t in (q, k, v))
     gl_dtype = _GL_DTYPES[q.dtype]
     n_text = geom.text_len or L  # without text the text descriptors are never used
 
@@ -380,7 +431,7 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias
     (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
     _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, H,
             geom.n_tiles, geom.n_text_blocks, geom.padded_len, geom.tiles_hw[1], geom.tiles_hw[0] * geom.tiles_hw[1],
-            th, visual_bias, True, k_stages, v_stages, pingpong)
+            th, visual_bias, True, k_stages, v_stages, pingpong, rotate)
     return out
 
 

@@ -48,10 +48,12 @@ def _tile_pool_kernel(
     base = X + b * stride_xb + h * stride_xh
     n_rows = tl.minimum(TH, H - hi * TH)  # a bottom-edge tile has fewer real rows
     acc = tl.zeros([TW_P2, BLOCK_D], dtype=tl.float32)
-    for r in range(0, n_rows):
+    # Unrolled: all TH row loads are in flight at once (a runtime loop issued them one by one).
+    for r in tl.static_range(TH):
         tok = (vis_off + t * H * W + (hi * TH + r) * W + cols).to(tl.int64)
         ptrs = base + tok[:, None] * stride_xl + offs_d[None, :] * stride_xd
-        acc += tl.load(ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        ok = (col_ok & (c * 0 + hi * TH + r < H))[:, None] & d_ok[None, :]
+        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     n_real = n_rows * tl.minimum(TW, W - wi * TW)
     pooled = tl.sum(acc, axis=0) / n_real.to(tl.float32)
     tl.store(Out + b * stride_ob + h * stride_oh + s * stride_os + offs_d, pooled, mask=d_ok)

@@ -15,13 +15,14 @@ per (batch, head, query tile) the key tiles to compute, ascending:
   reaches ``cdf_threshold``, at most ``ceil((1-s)*S)`` of them; K = S.
 
 Every policy also keeps the diagonal (a tile always sees itself, so no row is
-ever empty), and ``sparsity == 0`` keeps everything. The ranking runs on
-torch.topk / torch.sort. With ``DRAFTOPT_RADIX_SELECT=1`` (opt-in until timed on
-the H100, see ``RADIX_PERCENTILE``), "percentile" on CUDA runs as Triton kernels
-instead (a sampled bracket, a radix select of each head's threshold among the
-few entries inside it, and a compaction of the entries above it; exactly
-``ceil((1-s)*S*S)`` kept per head, ties at the threshold in row-major order,
-NaN ranked first, as torch.topk keeps them). Nothing synchronizes
+ever empty), and ``sparsity == 0`` keeps everything. "percentile" on CUDA runs
+as Triton kernels (a sampled bracket, a radix select of each head's threshold
+among the few entries inside it, and a compaction of the entries above it;
+exactly ``ceil((1-s)*S*S)`` kept per head, ties at the threshold in row-major
+order, NaN ranked first, as torch.topk keeps them): 0.27 ms against 0.64 for
+torch.topk + compaction at HunyuanVideo 720p on an H100 (``DRAFTOPT_RADIX_SELECT=0``
+goes back to torch.topk). Elsewhere the ranking runs on torch.topk / torch.sort.
+Nothing synchronizes
 with the host; turning a kept set into index lists is a Triton prefix-sum
 compaction.
 
@@ -201,11 +202,10 @@ SAMPLE_WARPS = 16
 SAMPLE_SIGMAS = 5.0  # bracket half-width in binomial standard deviations of the sample rank
 BRACKET_BLOCK = 1024  # entries of P per program in the bracket pass
 BRACKET_WARPS = 4
-# Opt-in until the final version is timed and tested on the H100 (an earlier version
-# passed there: 0.32 ms vs 0.65 for torch.topk at HunyuanVideo 720p, 0.9). The op
-# uses torch.topk + compaction unless DRAFTOPT_RADIX_SELECT=1; the tests call
-# percentile_select_triton directly either way.
-RADIX_PERCENTILE = os.environ.get("DRAFTOPT_RADIX_SELECT") == "1"
+# On by default: H100, HunyuanVideo 720p at 0.9, CUDA-graphed, 0.267 ms vs 0.643 for
+# torch.topk + compaction (benchmarks/select_breakdown.py); test_select.py's GPU tests
+# pass. DRAFTOPT_RADIX_SELECT=0 keeps torch.topk (the tests call both paths directly).
+RADIX_PERCENTILE = os.environ.get("DRAFTOPT_RADIX_SELECT", "1") == "1"
 RADIX_BLOCK = 2048  # entries per histogram call (radix passes)
 RADIX_CHUNK = 32768  # entries of P per program in a radix pass over all of P
 RADIX_WARPS = 8

@@ -19,21 +19,23 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def build(kind):
+def build(kind, batch=2):
     model = tiny_wan(heads=4, head_dim=128) if kind == "wan" else tiny_hunyuan(heads=4, head_dim=128)
     model = model.to("cuda", torch.bfloat16)
     if kind == "wan":
-        inputs = wan_inputs(latent=LATENT, batch=2, text_len=64, device="cuda", dtype=torch.bfloat16)
+        inputs = wan_inputs(latent=LATENT, batch=batch, text_len=64, device="cuda", dtype=torch.bfloat16)
     else:
-        inputs = hunyuan_inputs(latent=LATENT, batch=2, text_len=64, valid=(40, 64), device="cuda",
+        inputs = hunyuan_inputs(latent=LATENT, batch=batch, text_len=64, valid=(40, 64)[:batch], device="cuda",
                                 dtype=torch.bfloat16)
     return model, inputs
 
 
-@pytest.mark.parametrize("kind, text_len, n_rewritten", [("wan", 0, 2), ("hunyuan", 64, 4)])
+# Batch 1 takes the in-place attention op on sm_90 (its checks must work on Inductor's fake tensors).
+@pytest.mark.parametrize("kind, text_len, n_rewritten, batch", [("wan", 0, 2, 2), ("hunyuan", 64, 4, 2),
+                                                               ("wan", 0, 2, 1), ("hunyuan", 64, 4, 1)])
 @torch.no_grad()
-def test_inductor_bf16_matches_reference_op(kind, text_len, n_rewritten):
-    model, inputs = build(kind)
+def test_inductor_bf16_matches_reference_op(kind, text_len, n_rewritten, batch):
+    model, inputs = build(kind, batch)
     opt = draftopt.optimize(model, sparsity=0.9, min_tokens=0, fullgraph=True)
     got = opt(**inputs)[0]
     with reference_attention(GRID, text_len, "end", sparsity=0.9) as calls:

@@ -53,6 +53,24 @@ def test_sm90_schedules(stages):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sm90_rotated_sweeps(rotate):
+    """Key sweeps started mid-list (ROTATE) and the heavy-first program order, over more programs than SMs
+    (so program ids wrap the rotation) and uneven key counts per row, against float64."""
+    _require_sm90()
+    g = Geometry((5, 16, 48), (8, 16), 150, "start")  # tiles cover the grid: no visual bias needed
+    q, k, v = (torch.randn(2, 3, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(2, 3, g.n_tiles, 0.6, "cuda")
+    keep = torch.ones(2, g.seq_len, dtype=torch.bool, device="cuda")
+    bias = key_bias_for(g, keep, "cuda")
+    assert 2 * 3 * (g.n_tiles + g.n_text_blocks) > attention_sm90._n_sm(torch.cuda.current_device())
+    qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+    with poison_outputs():
+        got = attention_sm90.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, 128 ** -0.5, g.n_tiles,
+                                         g.n_text_blocks, False, rotate=rotate)
+    assert_close(unpermute_tiles(got, g), expected(q, k, v, g, kv_idx, kv_cnt, keep), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype, D, block", [(torch.float32, 128, 128), (torch.bfloat16, 96, 128),
                                              (torch.bfloat16, 128, 64)])
 def test_sm90_not_supported(dtype, D, block):
@@ -97,3 +115,21 @@ def test_sm90_in_place_refuses_batches():
     g = Geometry((2, 16, 32), (8, 16), 0, "end")
     q = torch.empty(2, 2, g.seq_len, 128, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     assert not attention_sm90.in_place_supported(q, q, q, g)
+
+
+def test_sm90_in_place_under_inductor():
+    """torch.compile traces tiled_attention with fake tensors (no data pointers) and still picks the in-place
+    op at batch 1; the compiled result equals the eager one. A view at an odd offset takes the copy path."""
+    _require_sm90()
+    from draftopt.kernels import tiled_attention
+
+    g = Geometry((2, 24, 40), (8, 16), 300, "start")
+    q, k, v = (torch.randn(1, 2, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(1, 2, g.n_tiles, 0.4, "cuda")
+    fn = lambda q, k, v: tiled_attention(q, k, v, kv_idx, kv_cnt, g)  # noqa: E731
+    want = fn(q, k, v)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), want, atol=0, rtol=0)
+    buf = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    q_odd = buf[1:].view(q.shape).copy_(q)  # storage offset 1: not 16-byte aligned
+    assert not attention_sm90.in_place_supported(q_odd, k, v, g)
+    torch.testing.assert_close(fn(q_odd, k, v), want, atol=0, rtol=0)
