@@ -22,10 +22,13 @@ Gluon lets the schedule be written by hand, FlashAttention-3 style:
 - within a consumer, the wgmma of S_j = Q K_j^T and of O += P_{j-1} V_{j-1} are
   issued back to back and the softmax of S_j runs while the second one does;
 - P stays in registers as the A operand of the second wgmma; the output goes
-  back through shared memory and a TMA store.
+  back through shared memory and a TMA store;
+- text query blocks (they attend to every key block) launch first, and each
+  program starts its key list at the point the programs beside it have
+  reached, so concurrent programs share K / V blocks in L2.
 
-Measured on an H100 (HunyuanVideo 720p, sparsity 0.9, tile-major): 562 TFLOP/s,
-against 399 for the Triton kernel and 641 for dense cuDNN (benchmarks/NOTES.md, v6-v8).
+Measured on an H100 (HunyuanVideo 720p, sparsity 0.9, tile-major): 627 TFLOP/s,
+against 399 for the Triton kernel and 646 for dense cuDNN (benchmarks/NOTES.md, v6-v9).
 """
 
 from __future__ import annotations
@@ -339,7 +342,7 @@ K_STAGES, V_STAGES = 2, 3
 # softmax runs under the other's matrix products: 36.9 ms vs 37.9-42.8 without (sweep, H100).
 PINGPONG = True
 # Programs start their key sweeps staggered by launch order so concurrent ones read the same keys
-# (L2 reuse; see the kernel). PENDING the H100 sweep: on until measured otherwise.
+# (L2 reuse; see the kernel): 33.9 ms vs 37.4 without at HunyuanVideo 720p 0.9 (sweep, H100).
 ROTATE = True
 
 
