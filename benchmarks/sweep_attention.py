@@ -1,10 +1,13 @@
 """Launch-config sweep of the block-sparse attention kernel (the attend stage alone).
 
-    python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9]
+    python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9] [--gluon-only]
 
-Times each (BLOCK_M, BLOCK_N, num_warps, num_stages), on tile-major copies and
-with tiles addressed in place, on one real-model shape; checks each output
-against the default tile-major config's, and prints a table sorted by time. Results and the chosen default go to benchmarks/NOTES.md.
+Times each Triton (BLOCK_M, BLOCK_N, num_warps, num_stages), on tile-major
+copies and with tiles addressed in place, and on sm_90 each Gluon kernel
+variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place;
+interleaved rounds, and a "same-keys" locality bound), on one real-model shape;
+checks each output against the default's and prints a table sorted by time.
+Results and the chosen defaults go to benchmarks/NOTES.md.
 """
 
 import argparse
