@@ -416,7 +416,7 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias
     """
     _, H, L, D = q.shape
     (T, Hg, Wg), (th, tw) = geom.grid, geom.tile
-    out = _tma_ready(alloc_like(q))
+    out = alloc_like(q)  # fresh, so aligned; q's strides where q is dense, else contiguous
     q, k, v = (_tma_ready(t) for t in (q, k, v))
     gl_dtype = _GL_DTYPES[q.dtype]
     n_text = geom.text_len or L  # without text the text descriptors are never used
