@@ -24,8 +24,6 @@ call allocates beyond what is live before it. Prints a tabulate table last and w
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 
 import torch
@@ -34,17 +32,13 @@ import triton
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _results import save_table
 from _shapes import SHAPES, shape
 from _timing import graphed
-from draftopt.kernels import Geometry, draft_attention
-from draftopt.kernels import attention_sm90
-from draftopt.kernels.attention import (block_sparse_attention, block_sparse_attention_triton, launch_config,
-                                       permuted_key_bias, tiled_attention)
+from draftopt.kernels import (Geometry, block_sparse_attention, draft_attention, draft_map, permute_tiles,
+                              permuted_key_bias, plan, select_blocks, tile_pool, tiled_attention, unpermute_tiles)
 from draftopt.kernels.block_mask import indices_to_dense
-from draftopt.kernels.permute import permute_tiles, unpermute_tiles
-from draftopt.kernels.pool import tile_pool
-from draftopt.kernels.select import draft_map, select_blocks
-
+from draftopt.kernels.triton.attention import block_sparse_attention_triton
 
 
 def timed(fn, graph: bool = False) -> tuple[float, float]:
@@ -108,7 +102,8 @@ def bench_shape(name, sparsities, flex_compiled):
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
         out_p = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, scale=scale)
         bias = permuted_key_bias(None, 1, heads, geom, q.device)
-        attend_kernel = "Gluon, sm_90" if attention_sm90.supported(qp, geom.block) else "Triton"
+        site_plan = plan(geom, q.dtype, q.device, 128, 1)
+        attend_kernel = site_plan.backend.value
         flex_mask, blocks = flex_block_mask(kv_idx, kv_cnt, geom)
         kept_flops = int(blocks.sum()) * 4 * geom.block * geom.block * 128
         stages = {
@@ -119,14 +114,13 @@ def bench_shape(name, sparsities, flex_compiled):
             f"stage attend ({attend_kernel})": lambda: block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom,
                                                                               scale=scale),
             "stage unpermute": lambda: unpermute_tiles(out_p, geom),
-            "stages 3-5 as one op (tiled_attention)": lambda: tiled_attention(q, k, v, kv_idx, kv_cnt, geom,
-                                                                              scale=scale),
+            f"stages 3-5 as one op (tiled_attention: {site_plan.describe()})": lambda: tiled_attention(
+                q, k, v, kv_idx, kv_cnt, geom, scale=scale),
             "attend, Triton kernel (tile-major)": lambda: block_sparse_attention_triton(
-                qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks,
-                launch_config(q.dtype, geom.block, 128), geom.has_visual_padding),
+                qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks, geom.has_visual_padding),
         }
         ms, mem = timed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s), graph=True)
-        row("draftopt total (CUDA graph)", s, ms, mem, kept_flops, best)
+        row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best)
         for label, fn in stages.items():
             ms, mem = timed(fn, graph=True)
             row(label, s, ms, mem, kept_flops if "attend" in label or "3-5" in label else None, None)
@@ -154,14 +148,10 @@ def main():
     for name in args.shapes:
         rows += bench_shape(name, args.sparsities, flex)
         print(f"done {name}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    headers = list(rows[0])
+    save_table("attention", headers, [[r[h] for h in headers] for r in rows],
+               dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    dtype="bfloat16", head_dim=128, policy="percentile"), args.out)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, D=128, "
           "policy percentile")
     print(tabulate([[r["shape"], r["sparsity"], r["row"], r["ms"], r["speedup"] or "", r["tflops"] or "",

@@ -18,9 +18,10 @@ from tabulate import tabulate
 from _results import save_table
 from _timing import graphed
 from _shapes import SHAPES, shape
-from draftopt.kernels.pool import tile_pool
-from draftopt.kernels.select import (_keep_percentile, _with_diagonal, compact_triton, draft_map, keep_count,
-                                     percentile_launches, select_blocks)
+from draftopt.kernels import draft_map, select_blocks, tile_pool
+from draftopt.kernels.sparsity import keep_count, keep_percentile, with_diagonal
+from draftopt.kernels.triton.compact import compact_triton
+from draftopt.kernels.triton.radix_select import percentile_launches
 
 
 
@@ -37,15 +38,15 @@ def main():
     n_keep = keep_count(args.sparsity, S * S)
     top = flat.topk(n_keep, dim=-1, sorted=False).indices
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True).reshape(B, H, S, S)
-    keep_d = _with_diagonal(keep)
+    keep_d = with_diagonal(keep)
     steps = {
         "select_blocks (all)": lambda: select_blocks(P, args.sparsity, "percentile"),
         "select_blocks (all), CUDA graph": graphed(lambda: select_blocks(P, args.sparsity, "percentile")),
-        "topk path (all, replaced)": lambda: compact_triton(_keep_percentile(P, args.sparsity), S),
-        "topk path (all, replaced), CUDA graph": graphed(lambda: compact_triton(_keep_percentile(P, args.sparsity), S)),
+        "topk path (all, replaced)": lambda: compact_triton(keep_percentile(P, args.sparsity), S),
+        "topk path (all, replaced), CUDA graph": graphed(lambda: compact_triton(keep_percentile(P, args.sparsity), S)),
         "topk indices over S^2": lambda: flat.topk(n_keep, dim=-1, sorted=False),
         "scatter into bool": lambda: torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True),
-        "OR diagonal": lambda: _with_diagonal(keep),
+        "OR diagonal": lambda: with_diagonal(keep),
         "bool -> uint8 + compaction kernel": lambda: compact_triton(keep_d, S),
         "kthvalue over S^2 (alternative)": lambda: flat.kthvalue(S * S - n_keep + 1, dim=-1),
         "sort over S^2 (alternative)": lambda: flat.sort(dim=-1, descending=True),

@@ -7,7 +7,7 @@ copies and with tiles addressed in place, and on sm_90 each Gluon kernel
 variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place;
 interleaved rounds, and a "same-keys" locality bound), on one real-model shape;
 checks each output against the default's and prints a table sorted by time.
-Results and the chosen defaults go to benchmarks/NOTES.md.
+Why the defaults are what they are: docs/design.md.
 """
 
 import argparse
@@ -19,12 +19,12 @@ from tabulate import tabulate
 from _results import save_table
 from _shapes import SHAPES, shape
 
-from draftopt.kernels import attention_sm90
-from draftopt.kernels.attention import (block_sparse_attention_triton, launch_config, permuted_key_bias,
-                                       tiled_attention_triton)
-from draftopt.kernels.permute import permute_tiles, unpermute_tiles
-from draftopt.kernels.pool import tile_pool
-from draftopt.kernels.select import draft_map, select_blocks
+from draftopt.kernels import draft_map, permute_tiles, permuted_key_bias, select_blocks, tile_pool, unpermute_tiles
+from draftopt.kernels.dispatch import sm90_misfit
+from draftopt.kernels.gluon import _sm90_kernel
+from draftopt.kernels.gluon.attention import Sm90Tuning, attend_sm90, attend_sm90_in_place
+from draftopt.kernels.triton.attention import (AttentionTuning, block_sparse_attention_triton, launch_config,
+                                               tiled_attention_triton)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, tiles addressed in place in the original order)
 CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 2, True),
@@ -67,15 +67,15 @@ def main():
           f"a text query block: {g.n_blocks}")
     visual_bias = g.has_visual_padding  # no mask on visual keys: the kernel skips their bias add
     run_tile_major = lambda cfg: unpermute_tiles(  # noqa: E731
-        block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, scale, g.block, g.n_text_blocks, cfg,
-                                      visual_bias), g)
+        block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, scale, g.block, g.n_text_blocks,
+                                      visual_bias, cfg), g)
     run_in_place = lambda cfg: tiled_attention_triton(q, k, v, kv_idx, kv_cnt, bias, scale, g,  # noqa: E731
                                                       visual_bias, cfg)
     want = run_tile_major(None).float()
     assert not want.isnan().any()
     rows = []
     for bm, bn, w, s, in_place in CONFIGS[:1] if args.gluon_only else CONFIGS:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        cfg = AttentionTuning(bm, bn, w, s)
         run = run_in_place if in_place else run_tile_major
         try:
             err = ((run(cfg).float() - want).norm() / want.norm()).item()
@@ -84,20 +84,21 @@ def main():
         except Exception as e:  # e.g. out of shared memory
             rows.append([bm, bn, w, s, in_place, None, None, f"{type(e).__name__}: {str(e)[:60]}"])
         print(rows[-1], flush=True)
-    if attention_sm90.supported(q, g.block):
+    if sm90_misfit(g.block, q.dtype, q.device, 128) is None and _sm90_kernel.HAVE_GLUON:
         # Diagnostic: every query row keeps blocks 0..cnt-1 (same FLOPs, best possible L2 reuse of K and V).
         same_idx = torch.arange(kv_idx.shape[-1], device=q.device, dtype=kv_idx.dtype).expand_as(kv_idx).contiguous()
         runs = {}
         for ks, vs, pp, rot, in_place, idx in SM90_CONFIGS:
             label = f"gluon K{ks} V{vs}{' pp' if pp else ''}{' rot' if rot else ''}{' same-keys' if idx == 'same' else ''}"
             ki = same_idx if idx == "same" else kv_idx
+            tuning = Sm90Tuning(ks, vs, pp, rot)
             if in_place:
-                run_sm90 = lambda ki=ki, c=(ks, vs, pp, rot): attention_sm90.attend_sm90_in_place(  # noqa: E731
-                    q, k, v, ki, kv_cnt, bias, scale, g, visual_bias, *c)
+                run_sm90 = lambda ki=ki, t=tuning: attend_sm90_in_place(  # noqa: E731
+                    q, k, v, ki, kv_cnt, bias, scale, g, visual_bias, t)
                 finish = lambda o: o  # noqa: E731
             else:  # timed without the unpermute (the op-level benchmark times the stages separately)
-                run_sm90 = lambda ki=ki, c=(ks, vs, pp, rot): attention_sm90.attend_sm90(  # noqa: E731
-                    qp, kp, vp, ki, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, visual_bias, *c)
+                run_sm90 = lambda ki=ki, t=tuning: attend_sm90(  # noqa: E731
+                    qp, kp, vp, ki, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, visual_bias, t)
                 finish = lambda o: unpermute_tiles(o, g)  # noqa: E731
             err = ((finish(run_sm90()).float() - want).norm() / want.norm()).item()
             runs[(label, in_place)] = (run_sm90, "n/a (other keys)" if idx == "same" else f"{err:.1e}", [])
@@ -110,7 +111,7 @@ def main():
             ms = sorted(times)[len(times) // 2]
             rows.append([label, 128, 8, None, in_place, round(ms, 3), round(flops / ms / 1e9, 1),
                          f"{err}; rounds {min(times):.2f}-{max(times):.2f}"])
-        _print_registers(attention_sm90._attend_sm90_kernel)
+        _print_registers(_sm90_kernel._attend_sm90_kernel)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

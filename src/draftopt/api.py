@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 from torch import nn
 
 from . import backend as _backend
-from .config import DraftConfig
+from .passes import DraftConfig
 from .report import Report
 
 
@@ -28,6 +29,7 @@ class DraftOptimizedModule(nn.Module):
         self.draftopt_config = config
         self._draftopt_records = []
         self._draftopt_dense_depth = 0
+        self._draftopt_warmups = weakref.WeakSet()  # DenseWarmups still in their dense steps
         self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode)
         # Not submodules (state_dict keeps the original model's keys only).
         self.__dict__["_draftopt_sparse"] = self._compiled(config)
@@ -41,11 +43,16 @@ class DraftOptimizedModule(nn.Module):
                              fullgraph=self._draftopt_compile["fullgraph"])
 
     def forward(self, *args, **kwargs):
-        if self._draftopt_dense_depth:
-            if self._draftopt_dense is None:
-                self.__dict__["_draftopt_dense"] = self._compiled(self.draftopt_config.replace(enabled=False))
+        if not self._draftopt_dense_depth:
+            return self._draftopt_sparse(*args, **kwargs)
+        if self._draftopt_dense is None:
+            self.__dict__["_draftopt_dense"] = self._compiled(self.draftopt_config.replace(enabled=False))
+        try:
             return self._draftopt_dense(*args, **kwargs)
-        return self._draftopt_sparse(*args, **kwargs)
+        except BaseException:  # an interrupted pipeline must not leave its warm-up on (then re-raise)
+            for warmup in list(self._draftopt_warmups):
+                warmup.close()
+            raise
 
     def __getattr__(self, name):
         try:
@@ -117,6 +124,11 @@ def dense(model: DraftOptimizedModule):
 class DenseWarmup:
     """A diffusers ``callback_on_step_end`` that runs the first ``steps`` denoising steps dense.
 
+    The model is dense from construction until step ``steps - 1`` (or the
+    pipeline's last step) has run. It goes back to sparse as well when a dense
+    call raises (an interrupted pipeline), when the warm-up is closed or used
+    as a context manager, and when the object is dropped.
+
     Example:
         >>> pipe.transformer = draftopt.optimize(pipe.transformer, sparsity=0.9)
         >>> video = pipe(prompt, num_inference_steps=50,
@@ -126,16 +138,52 @@ class DenseWarmup:
     def __init__(self, model: DraftOptimizedModule, steps: int):
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        self._ctx = dense(model) if steps else None
+        if not isinstance(model, DraftOptimizedModule):
+            raise ValueError(f"DenseWarmup expects a model returned by draftopt.optimize(), got {type(model).__name__}")
         self.steps = steps
-        if self._ctx is not None:
-            self._ctx.__enter__()
+        self._model = model if steps else None
+        if self._model is not None:
+            model._draftopt_dense_depth += 1
+            model._draftopt_warmups.add(self)
+
+    @property
+    def active(self) -> bool:
+        """Whether the model is still in this warm-up's dense steps."""
+        return self._model is not None
+
+    def close(self) -> None:
+        """End the warm-up now: the model runs sparse again (idempotent)."""
+        model, self._model = self._model, None
+        if model is not None:
+            model._draftopt_dense_depth -= 1
+            model._draftopt_warmups.discard(self)
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        if self._ctx is not None and step >= self.steps - 1:  # step `step` has just run
-            self._ctx.__exit__(None, None, None)
-            self._ctx = None
+        last = getattr(pipe, "num_timesteps", None)  # diffusers pipelines' step count
+        if step >= self.steps - 1 or (isinstance(last, int) and step >= last - 1):  # step `step` has just run
+            self.close()
         return callback_kwargs
+
+    def __enter__(self) -> "DenseWarmup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def reset() -> None:
+    """Forget what the draftopt backend recorded in this process: compiled graphs and captured masks.
+
+    ``draftopt.report()`` (no model) starts empty again; models returned by
+    ``optimize`` keep their own records.
+    """
+    from .kernels.ops.record_mask import captured_masks
+
+    _backend.reset()
+    captured_masks(clear=True)
 
 
 def report(model: nn.Module | None = None) -> Report:

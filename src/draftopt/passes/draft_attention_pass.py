@@ -2,18 +2,19 @@
 
     q, k  -> draftopt.tile_pool -> draftopt.draft_map -> draftopt.select_blocks -> kv_idx, kv_cnt
     mask  -> draftopt.key_bias
-    q,k,v -> draftopt.permute_tiles -> draftopt.block_sparse_attention -> draftopt.unpermute_tiles
+    q,k,v -> draftopt.tiled_attention                    (stages 3-5 fused, where the plan says so)
+          or draftopt.permute_tiles -> draftopt.block_sparse_attention -> draftopt.unpermute_tiles
 
 A site the pass cannot handle exactly (cross-attention, causal, dropout, a
 per-query mask, a sequence length the geometry does not explain, dynamic
-shapes, ...) is left as it was and recorded with the reason. The pass takes
-any config object with DraftConfig's fields and knows the ops only by their
-``torch.ops.draftopt`` names.
+shapes, ...) is left as it was and recorded with the reason. For the others
+``_plan`` returns a ``SitePlan``: the geometry, the scale and the attention
+kernel that ``draftopt.kernels.plan`` chose (recorded in the report). The pass
+inserts the ops by their ``torch.ops.draftopt`` names.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .geometry import grid_sources, is_static, n_tokens, text_position_from_graph
+from ..kernels import AttentionPlan, Geometry, check_key_padding_mask, needs_visual_bias, plan
+from ..kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..kernels.dispatch import describe
+from .config import DraftConfig
+from .infer_geometry import grid_sources, is_static, n_tokens, text_position_from_graph
 from .parallel import context_parallel_kind, graph_has_collectives
 from .sites import AttentionSite, default_scale, example_value, find_attention_sites
 
@@ -51,15 +56,36 @@ class SiteRecord:
     policy: str | None = None
     has_mask: bool = False
     parallel: str = ""  # "ulysses" when the rank's q/k/v arrive through all-to-alls
-    fused: bool = False  # permute, attention and unpermute in one kernel (tiles addressed in place)
+    kernel: str = ""  # the attention backend the plan chose ("gluon_sm90", "triton", "torch")
+    fused: bool = False  # permute, attention and unpermute in one op
+    in_place: bool = False  # that op's kernel reads tiles in place (no permuted copies)
+    kernel_reason: str = ""
     node: str = ""
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
+
+    @property
+    def plan(self) -> str:
+        """The attention plan in words ("gluon_sm90, fused in place"), "-" for a skipped site."""
+        return describe(self.kernel, self.fused, self.in_place) if self.status == "rewritten" else "-"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """How one site is rewritten."""
+
+    geometry: Geometry
+    scale: float
+    attention: AttentionPlan
+    visual_bias: bool  # the key bias can be nonzero on visual key tiles
+    facts: dict  # what the report records (shapes, grid, text, ...)
 
 
 class _Skip(Exception):
-    pass
+    def __init__(self, reason: str, facts: dict):
+        super().__init__(reason)
+        self.facts = facts
 
 
 @dataclass
@@ -72,144 +98,131 @@ class DraftAttentionPass:
         ['rewritten', 'skipped', ...]
     """
 
-    config: object
+    config: DraftConfig
     counters: dict = field(default_factory=lambda: {"found": 0, "rewritten": 0, "skipped": 0})
-
-    def uuid(self) -> str:
-        """Identity of the pass and its options (for compile caches)."""
-        return hashlib.sha256(f"draftopt.DraftAttentionPass/1/{self.config!r}".encode()).hexdigest()
 
     def __call__(self, gm: fx.GraphModule, example_inputs=None) -> list[SiteRecord]:
         cfg = self.config
         sites = find_attention_sites(gm.graph)
         sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size) if sites else []
-        self._parallel = graph_has_collectives(gm.graph)
+        parallel = graph_has_collectives(gm.graph)
         records, dense_left = [], cfg.dense_layers
         for site in sites:
-            rec = SiteRecord(name=site.name, kind=site.kind, node=site.node.name)
-            records.append(rec)
             self.counters["found"] += 1
             try:
-                geom, scale = self._plan(site, rec, sources)
+                site_plan = self._plan(site, sources, parallel)
                 if not cfg.enabled:
-                    raise _Skip("dense mode (draftopt.dense): compiled unchanged")
+                    raise _Skip("dense mode (draftopt.dense): compiled unchanged", site_plan.facts)
                 if dense_left > 0:
                     dense_left -= 1
-                    raise _Skip(f"kept dense (dense_layers={cfg.dense_layers})")
+                    raise _Skip(f"kept dense (dense_layers={cfg.dense_layers})", site_plan.facts)
             except _Skip as why:
-                rec.reason = str(why)
+                records.append(SiteRecord(site.name, site.kind, reason=str(why), node=site.node.name, **why.facts))
                 self.counters["skipped"] += 1
-                log.info("draftopt: skipped %s: %s", rec.name, rec.reason)
+                log.info("draftopt: skipped %s: %s", site.name, why)
                 continue
-            _rewrite(gm.graph, site, geom, scale, cfg)
-            rec.status = "rewritten"
-            rec.fused = _fused(cfg, geom, example_value(site.q))
+            _rewrite(gm.graph, site, site_plan, cfg)
+            att = site_plan.attention
+            records.append(SiteRecord(site.name, site.kind, "rewritten", node=site.node.name, kernel=att.backend.value,
+                                      fused=att.fused, in_place=att.in_place, kernel_reason=att.reason,
+                                      **site_plan.facts))
             self.counters["rewritten"] += 1
-            log.info("draftopt: rewrote %s (%s)", rec.name, geom)
+            log.info("draftopt: rewrote %s (%s; %s)", site.name, site_plan.geometry, att.describe())
         if self.counters["rewritten"]:
             gm.graph.lint()
             gm.recompile()
         return records
 
     # -- eligibility and geometry ------------------------------------------------------
-    def _plan(self, site: AttentionSite, rec: SiteRecord, sources):
-        # The ops' own geometry type, limits and mask check: one definition of what they accept.
-        from draftopt.kernels import Geometry, check_key_padding_mask
-        from draftopt.kernels._common import SUPPORTED_DTYPES
-        from draftopt.kernels.draft_attention import MAX_HEAD_DIM
-
+    def _plan(self, site: AttentionSite, sources, parallel: bool) -> SitePlan:
+        """The site's plan, or _Skip with the reason (and what was learnt about the site so far)."""
         cfg = self.config
+        facts: dict = {}
+
+        def skip(reason: str):
+            return _Skip(reason, facts)
+
         q, k, v = (example_value(n) for n in (site.q, site.k, site.v))
         if q is None or k is None or v is None:
-            raise _Skip("no shape information on q/k/v (not a Dynamo graph?)")
-        rec.q_shape, rec.kv_shape, rec.dtype = tuple(q.shape), tuple(k.shape), str(q.dtype).replace("torch.", "")
+            raise skip("no shape information on q/k/v (not a Dynamo graph?)")
+        facts.update(q_shape=tuple(q.shape), kv_shape=tuple(k.shape), dtype=str(q.dtype).replace("torch.", ""))
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise _Skip(f"q/k/v are not [B, heads, L, D] (q is {rec.q_shape})")
+            raise skip(f"q/k/v are not [B, heads, L, D] (q is {facts['q_shape']})")
         if not (is_static(q.shape) and is_static(k.shape) and is_static(v.shape)):
-            raise _Skip("dynamic shapes: compile with dynamic=False (draftopt.optimize does) so each resolution "
-                        "gets its own geometry")
+            raise skip("dynamic shapes: compile with dynamic=False (draftopt.optimize does) so each resolution "
+                       "gets its own geometry")
         if site.is_causal:
-            raise _Skip("causal attention")
+            raise skip("causal attention")
         if not isinstance(site.dropout_p, (int, float)) or site.dropout_p != 0.0:
-            raise _Skip(f"dropout_p={site.dropout_p}")
+            raise skip(f"dropout_p={site.dropout_p}")
         if site.enable_gqa or k.shape[1] != q.shape[1]:
-            raise _Skip(f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)")
+            raise skip(f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)")
         if k.shape[2] != q.shape[2] or k.shape != v.shape:
-            raise _Skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
-        if self._parallel:
+            raise skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
+        if parallel:
             kind, why = context_parallel_kind(site.q, site.k, site.v)
             if kind is None:
-                raise _Skip(why)
-            rec.parallel = kind
+                raise skip(why)
+            facts["parallel"] = kind
         B, H, L, D = q.shape
         if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise _Skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+            raise skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
         if D > MAX_HEAD_DIM:
-            raise _Skip(f"head dim {D} > {MAX_HEAD_DIM}")
+            raise skip(f"head dim {D} > {MAX_HEAD_DIM}")
         if site.scale is not None and not isinstance(site.scale, (int, float)):
-            raise _Skip("scale is not a constant")
-        rec.has_mask = site.mask is not None
+            raise skip("scale is not a constant")
+        facts["has_mask"] = site.mask is not None
         if site.mask is not None:
             m = example_value(site.mask)
             if m is None or not is_static(m.shape):
-                raise _Skip("attention mask without a static shape")
+                raise skip("attention mask without a static shape")
             try:
                 check_key_padding_mask(tuple(m.shape), B, H, L)
             except ValueError as e:
-                raise _Skip(str(e)) from None
-        # geometry
-        grid, source = self._grid_for(L, B, sources)
-        rec.grid, rec.grid_source = grid, source
+                raise skip(str(e)) from None
+        grid, facts["grid_source"] = _grid_for(L, B, sources, facts)
+        facts["grid"] = grid
         N = n_tokens(grid)
         text_len = L - N if cfg.text_len is None else cfg.text_len
         if N + text_len != L:
-            raise _Skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len "
-                        f"{cfg.text_len}")
+            raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len "
+                       f"{cfg.text_len}")
         position = "end"
         if text_len:
             position = cfg.text_position
             if position == "auto":
                 position = text_position_from_graph(site.q, N, text_len)
                 if position is None:
-                    raise _Skip(f"{text_len} text tokens but no concatenation of text and video found on q's "
-                                "path; pass text_position='start' or 'end'")
-        rec.text_len, rec.text_position = text_len, position if text_len else None
+                    raise skip(f"{text_len} text tokens but no concatenation of text and video found on q's "
+                               "path; pass text_position='start' or 'end'")
+        facts.update(text_len=text_len, text_position=position if text_len else None)
         if N < cfg.min_tokens:
-            raise _Skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
+            raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
         geom = Geometry(grid, cfg.tile, text_len, position)
-        rec.tile, rec.n_tiles, rec.sparsity, rec.policy = geom.tile, geom.n_tiles, cfg.sparsity, cfg.policy
+        facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
-        return geom, scale
-
-    def _grid_for(self, L: int, B: int, sources):
-        if not sources:
-            raise _Skip("no geometry: pass latent_shape=(T, H, W) (no patch embedding found in this graph)")
-        tried = []
-        for src in sources:
-            grid = src.resolve(B)
-            if grid is None:
-                continue
-            tried.append(f"{'x'.join(map(str, grid))} = {n_tokens(grid)} ({src.source})")
-            if n_tokens(grid) <= L:
-                return grid, src.source
-        raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried))
+        attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
+        return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts)
 
 
-def _fused(cfg, geom, q_val) -> bool:
-    from draftopt.kernels.attention import fuse_pays
+def _grid_for(L: int, B: int, sources, facts: dict):
+    if not sources:
+        raise _Skip("no geometry: pass latent_shape=(T, H, W) (no patch embedding found in this graph)", facts)
+    tried = []
+    for src in sources:
+        grid = src.resolve(B)
+        if grid is None:
+            continue
+        tried.append(f"{'x'.join(map(str, grid))} = {n_tokens(grid)} ({src.source})")
+        if n_tokens(grid) <= L:
+            return grid, src.source
+    raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts)
 
-    return bool(cfg.fuse_permute) and fuse_pays(geom, q_val)
 
-
-def _needs_visual_bias(site: AttentionSite, geom) -> bool:
-    from draftopt.kernels.attention import needs_visual_bias
-
-    return needs_visual_bias(site.mask is not None, geom)
-
-
-def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> None:
+def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: DraftConfig) -> None:
     """Insert the five stages before the site and route its users to the result."""
     ops = torch.ops.draftopt
+    geom, scale, att = site_plan.geometry, site_plan.scale, site_plan.attention
     q_val = example_value(site.q)
     B, H, _, _ = q_val.shape
     g = geom.op_args()
@@ -226,19 +239,18 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, geom, scale: float, cfg) -> N
         draft = call(ops.draft_map.default, q_pool, k_pool, scale)
         sel = call(ops.select_blocks.default, draft, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold))
         kv_idx, kv_cnt = call(operator.getitem, sel, 0), call(operator.getitem, sel, 1)
-        if getattr(cfg, "capture_masks", False):  # on the data path, so no compiler drops it
-            kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, site.name, [int(a) for a in g],
-                          cfg.policy, float(cfg.sparsity))
+        if cfg.capture_masks:  # on the data path, so no compiler drops it
+            kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, site.name, *g, cfg.policy,
+                          float(cfg.sparsity))
         bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
-        # The bias add is skipped on visual key tiles when nothing can mask them.
-        visual_bias = _needs_visual_bias(site, geom)
-        if _fused(cfg, geom, q_val):
+        backend = att.backend.value
+        if att.fused:
             result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
-                          visual_bias)
+                          site_plan.visual_bias, backend)
         else:
             qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
             out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
-                       geom.block, geom.n_text_blocks, visual_bias)
+                       geom.block, geom.n_text_blocks, site_plan.visual_bias, backend)
             result = call(ops.unpermute_tiles.default, out, *g)
     for n in new_nodes:
         n.meta.update({key: site.node.meta[key] for key in _COPIED_META if key in site.node.meta})

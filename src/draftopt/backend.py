@@ -9,30 +9,39 @@ on to Inductor (``"reduce-overhead"``: CUDA graphs).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+from collections import deque
+from typing import NamedTuple
 
 import torch
+import torch.fx as fx
 from torch._logging import trace_structured
 
-from .passes import DraftAttentionPass
-from .config import DraftConfig
-from .report import GraphRecord, Report, op_counts, site_flops
+from .passes import DraftAttentionPass, DraftConfig
+from .report import GraphRecord, Report, op_counts
 
 log = logging.getLogger(__name__)
 
-# Every graph the backend compiled in this process (draftopt.report() with no model).
-GRAPHS: list[GraphRecord] = []
+# The newest graphs the backend compiled in this process (draftopt.report() with no model);
+# draftopt.reset() clears them.
+MAX_GRAPHS = 256
+GRAPHS: deque[GraphRecord] = deque(maxlen=MAX_GRAPHS)
+_INDEX = itertools.count()
+
+
+def reset() -> None:
+    """Forget every graph recorded so far (``draftopt.report()`` starts empty again)."""
+    GRAPHS.clear()
 
 
 def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None):
     """Rewrite the graph's video self-attention, then compile it with ``config.compiler``."""
     config = DraftConfig.from_options(options)
-    record = GraphRecord(index=len(GRAPHS), counts_before=op_counts(gm.graph), code_before=gm.code,
+    record = GraphRecord(index=next(_INDEX), counts_before=op_counts(gm.graph), code_before=gm.code,
                          config=dataclasses.asdict(config))
-    other_flops = graph_flops_without_sdpa(gm, example_inputs)
+    record.count_flops = flop_counter(gm, example_inputs)  # run when a report asks for it
     record.sites = DraftAttentionPass(config)(gm, example_inputs)
-    if other_flops is not None:  # SDPA with our estimate: the counter misses SDPA's CPU kernels
-        record.flops_total = other_flops + sum(site_flops(s)[0] or 0 for s in record.sites if s.kind == "sdpa")
     record.counts_after, record.code_after = op_counts(gm.graph), gm.code
     GRAPHS.append(record)
     if records is not None:
@@ -45,23 +54,40 @@ def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     return compile_graph(gm, example_inputs, config.compiler, mode)
 
 
-def graph_flops_without_sdpa(gm: torch.fx.GraphModule, example_inputs) -> int | None:
-    """FLOPs of one run of the graph except its SDPA calls, counted on fake tensors; None if unknown."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
+class _TensorSpec(NamedTuple):
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
 
-    try:
-        fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
-        with fake_mode:
-            inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+
+def flop_counter(gm: fx.GraphModule, example_inputs):
+    """A function that counts one run of the graph as it is now (before the rewrite), on fake tensors.
+
+    It keeps a copy of the graph (sharing the module's attributes) and the
+    inputs' shapes only, so nothing runs and no input stays alive until a
+    report asks. It returns the FLOPs of every op except SDPA (whose CPU kernels
+    the counter misses; the report adds its own estimate for those sites).
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    specs = [_TensorSpec(tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
+             for x in example_inputs]
+
+    def count() -> int:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            inputs = [torch.empty_strided(s.shape, s.stride, dtype=s.dtype, device=s.device)
+                      if isinstance(s, _TensorSpec) else s for s in specs]
             with FlopCounterMode(display=False) as counter:
-                gm(*inputs)
+                copy(*inputs)
         counts = counter.get_flop_counts().get("Global", {})
         return sum(f for op, f in counts.items() if "scaled_dot_product" not in str(op))
-    except Exception as e:  # a report figure must never break compilation
-        log.debug("draftopt: could not count graph FLOPs: %s", e)
-        return None
+
+    return count
 
 
 def compile_graph(gm, example_inputs, compiler: str, mode: str | None = None):

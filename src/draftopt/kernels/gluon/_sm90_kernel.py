@@ -1,24 +1,19 @@
-"""Stage 4 on Hopper: the block-sparse attention kernel written in Gluon (TMA, wgmma, warp specialization).
+"""Device code of the Hopper (sm_90) block-sparse attention kernel, written in Gluon.
 
-Same contract as ``_block_sparse_attn_kernel`` in attention.py on tile-major
-q, k, v (a visual query tile attends to its selected key tiles and to every
-text block; a text query block attends to every block; ``key_bias`` is added
-to text keys always and to visual keys when ``visual_bias``), for the case that
-dominates real models: 16-bit inputs, head dim 64 or 128, 128-token blocks, an
-sm_90 GPU. ``draftopt::attend_sm90`` is the op; attention.py routes to it where
-``supported`` holds and keeps the Triton kernel everywhere else.
-
-Why a second kernel: Triton 3.6 schedules the FlashAttention loop itself and
-reaches ~60% of cuDNN's throughput on the H100 (benchmarks/NOTES.md, v1-v5).
-Gluon lets the schedule be written by hand, FlashAttention-3 style:
+Same contract as the Triton kernel (triton/attention.py) on tile-major q, k, v
+or, in place, on the original token order at batch 1: a visual query tile
+attends to its selected key tiles and to every text block; a text query block
+attends to every block; ``key_bias`` is added to text keys always and to visual
+keys when ``VISUAL_BIAS``. For 16-bit inputs, head dim 64 or 128, 128-token
+blocks. FlashAttention-3's schedule, written by hand:
 
 - one producer warp issues every TMA load (q once; K and V into rings of
   buffers, each with a "ready" barrier the copy engine completes and an "empty"
   barrier both consumers arrive on when their wgmma has read it);
 - two consumer warpgroups, 64 query rows each, run on their own: no CTA-wide
-  barrier ties them, so one's softmax overlaps the other's matrix products;
-- the consumers take turns issuing their products (an mbarrier pair), so one
-  warpgroup's softmax runs while the other's matrix products do;
+  barrier ties them, and they take turns issuing their products (an mbarrier
+  pair, "ping-pong"), so one warpgroup's softmax runs under the other's
+  matrix products;
 - within a consumer, the wgmma of S_j = Q K_j^T and of O += P_{j-1} V_{j-1} are
   issued back to back and the softmax of S_j runs while the second one does;
 - P stays in registers as the A operand of the second wgmma; the output goes
@@ -27,19 +22,13 @@ Gluon lets the schedule be written by hand, FlashAttention-3 style:
   program starts its key list at the point the programs beside it have
   reached, so concurrent programs share K / V blocks in L2.
 
-Measured on an H100 (HunyuanVideo 720p, sparsity 0.9, tile-major): 627 TFLOP/s,
-against 399 for the Triton kernel and 646 for dense cuDNN (benchmarks/NOTES.md, v6-v9).
+Why each of these, with the numbers: docs/design.md ("Hopper: why a Gluon kernel").
+Launchers and the op-facing functions: attention.py beside this file.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
-from ._common import LOG2E, alloc, alloc_like
-
-try:  # Gluon ships with Triton >= 3.5; without it (or on other GPUs) the Triton kernel runs.
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs (dispatch.py logs why).
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -48,30 +37,17 @@ try:  # Gluon ships with Triton >= 3.5; without it (or on other GPUs) the Triton
     # Triton 3.6 names (newer releases renamed them async_load / async_store).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    HAVE_GLUON = True
-except Exception:  # pragma: no cover - depends on the Triton build
-    HAVE_GLUON = False
+    IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # pragma: no cover - depends on the Triton build
+    IMPORT_ERROR = e
 
-BLOCK = 128
-HEAD_DIMS = (64, 128)
-
-
-def supported(q: torch.Tensor, block: int) -> bool:
-    """Whether ``draftopt::attend_sm90`` can run on tile-major inputs like ``q``."""
-    return (HAVE_GLUON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and block == BLOCK
-            and q.shape[-1] in HEAD_DIMS and _is_sm90(q.device.index))
-
-
-@functools.lru_cache(maxsize=None)
-def _is_sm90(index) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
+HAVE_GLUON = IMPORT_ERROR is None
 
 if HAVE_GLUON:
 
     @gluon.jit
     def _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, bh_row0, BLOCK: gl.constexpr):
-        """(first row of key block j in the [B*H*Lp, D] view, block index): visual tiles (the selected ones,
+        """(first row of key block j in the [B*heads*Lp, D] view, block index): visual tiles (the selected ones,
         or all for a text query block) from position j0 of their list on, wrapping around; then text."""
         jr = j + j0
         jr = gl.where(jr >= n_vis, jr - n_vis, jr)
@@ -84,7 +60,7 @@ if HAVE_GLUON:
     def _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS: gl.constexpr):
         """Block index of key j where the consumer needs it (its bias row). Keys j >= n_vis are text in
         every query tile, so without a visual bias no index load sits on the softmax's critical path
-        (it did in v8: one dependent global load per key block)."""
+        (a dependent global load per key block otherwise: docs/design.md)."""
         if VISUAL_BIAS:
             kb = _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, 0, 1)[1]
         else:
@@ -272,8 +248,9 @@ if HAVE_GLUON:
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         gl.static_assert(2 * ROWS == BLOCK)
-        # One flat grid, heaviest programs first: text query blocks attend to every key block (~10x a
-        # visual tile's work at 0.9), and launched last (v8's order) they ran alone for ~1 ms at the end.
+        # One flat grid, heaviest programs first: text query blocks attend to every key block (many times
+        # a visual tile's work at high sparsity); launched last they ran alone at the end
+        # (docs/design.md, "Heavy text blocks first").
         pid = gl.program_id(0)
         n_heavy = n_bh * n_text_blocks
         is_heavy = pid < n_heavy
@@ -293,7 +270,7 @@ if HAVE_GLUON:
         if ROTATE:
             # Start each program's sweep over its (ascending) key list where the programs running beside it
             # are: the i-th of n_sm concurrent programs at i/n_sm of its list. All then read keys near the
-            # same index at any moment, so a head's K and V (65 MB at HunyuanVideo 720p, more than L2) are
+            # same index at any moment, so a head's K and V (more than L2 at HunyuanVideo 720p) are
             # read from DRAM about once per wave instead of once per program that selected them.
             j0 = ((pid % n_sm) * n_vis) // n_sm
         bias_bh = Bias + b * stride_bb + h * stride_bh
@@ -331,137 +308,3 @@ if HAVE_GLUON:
                          idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
                          K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
         ], [4, 1], [232, 24])  # consumer 1: 4 warps, 232 registers; producer: 1 warp, 24
-
-
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if HAVE_GLUON else {}
-
-# K and V rings: 2 and 3 buffers (q 32 KB + 5 x 32 KB at D = 128; one program per SM).
-# Sweep at HunyuanVideo 720p 0.9: 37.9 ms vs 38.4 for 2 + 2 and 38.6 for 3 + 2.
-K_STAGES, V_STAGES = 2, 3
-# Consumers take turns issuing their products (FlashAttention-3's "ping-pong"), so one's
-# softmax runs under the other's matrix products: 36.9 ms vs 37.9-42.8 without (sweep, H100).
-PINGPONG = True
-# Programs start their key sweeps staggered by launch order so concurrent ones read the same keys
-# (L2 reuse; see the kernel): 33.9 ms vs 37.4 without at HunyuanVideo 720p 0.9 (sweep, H100).
-ROTATE = True
-
-
-@functools.lru_cache(maxsize=None)
-def _n_sm(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _desc(t, shape, strides, block, gl_dtype):
-    return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
-
-
-def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, k_stages, v_stages, pingpong, rotate):
-    if Lp != (n_tiles + n_text_blocks) * BLOCK:
-        raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
-    bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
-    n_bh = kv_cnt.shape[0] * n_heads
-    _attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
-        *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
-        bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-        kv_cnt.stride(0), kv_cnt.stride(1),
-        n_heads, n_bh, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw, _n_sm(kv_cnt.device.index),
-        VISUAL_BIAS=bool(visual_bias), K_STAGES=k_stages, V_STAGES=v_stages, TILE_H=tile_h, IN_PLACE=in_place,
-        PINGPONG=pingpong, ROTATE=rotate, num_warps=4,
-    )
-
-
-def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG, rotate=ROTATE):
-    """Tile-major q, k, v [B, H, Lp, D] -> tile-major output; ``bias`` [B|1, H|1, Lp] float32."""
-    B, H, Lp, D = q.shape
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    out = alloc((B, H, Lp, D), q.dtype, q.device)
-    gl_dtype = _GL_DTYPES[q.dtype]
-    rows = B * H * Lp
-    # q and out move in halves: each consumer warpgroup loads and stores its own 64 rows.
-    tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
-          for t in (q, k, v, out)]
-    _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, H, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, k_stages, v_stages, pingpong, rotate)
-    return out
-
-
-def in_place_supported(q, k, v, geom) -> bool:
-    """Whether ``attend_sm90_in_place`` can address these original-order tensors directly (batch 1, TMA-legal
-    strides). Reads no data pointer, so it also answers for the fake tensors Inductor traces the op with."""
-    th, tw = geom.tile
-    return (supported(q, geom.block) and q.shape[0] == 1 and th % 2 == 0 and tw % 8 == 0
-            and all(_tma_strides(t) for t in (q, k, v)))
-
-
-def _tma_strides(t) -> bool:
-    # TMA: unit inner stride, the others and the start 16-byte aligned (8 elements of 16 bits).
-    return t.stride(-1) == 1 and t.stride(1) % 8 == 0 and t.stride(2) % 8 == 0 and t.storage_offset() % 8 == 0
-
-
-def _tma_ready(t):
-    """``t`` itself where TMA can read it in place, else a contiguous copy. A compiled graph decides on the
-    in-place op from fake tensors; the real ones may still sit at an unaligned address (a user's buffer)."""
-    return t if _tma_strides(t) and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
-def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias,
-                         k_stages=K_STAGES, v_stages=V_STAGES, pingpong=PINGPONG, rotate=ROTATE):
-    """Stages 3-5 in one kernel: original-order q, k, v [1, H, L, D] -> output with q's strides.
-
-    Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
-    clipped by the copy engine: zeros in, nothing out), text blocks as rows of the
-    text; no permuted copies exist.
-    """
-    _, H, L, D = q.shape
-    (T, Hg, Wg), (th, tw) = geom.grid, geom.tile
-    out = alloc_like(q)  # fresh, so aligned; q's strides where q is dense, else contiguous
-    q, k, v = (_tma_ready(t) for t in (q, k, v))
-    gl_dtype = _GL_DTYPES[q.dtype]
-    n_text = geom.text_len or L  # without text the text descriptors are never used
-
-    def views(t, half):
-        sH, sL = t.stride(1), t.stride(2)
-        rows = BLOCK // 2 if half else BLOCK
-        flat = _desc(t[0, 0], [L, D], [sL, 1], [rows, D], gl_dtype)  # only for its block type
-        box = _desc(t[0, :, geom.visual_offset:], [H, T, Hg, Wg, D], [sH, Hg * Wg * sL, Wg * sL, sL, 1],
-                    [1, 1, th // 2 if half else th, tw, D], gl_dtype)
-        text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [H, n_text, D], [sH, sL, 1],
-                     [1, rows, D], gl_dtype)
-        return flat, box, text
-
-    (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
-    _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, H,
-            geom.n_tiles, geom.n_text_blocks, geom.padded_len, geom.tiles_hw[1], geom.tiles_hw[0] * geom.tiles_hw[1],
-            th, visual_bias, True, k_stages, v_stages, pingpong, rotate)
-    return out
-
-
-@torch.library.custom_op("draftopt::attend_sm90", mutates_args=())
-def _attend_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
-                    bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int,
-                    visual_bias: bool) -> torch.Tensor:
-    # An opaque op (not a triton_op): torch.compile cannot trace a Gluon launch, so
-    # Inductor calls this as an extern kernel; it syncs nothing, so CUDA graphs capture it.
-    return attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
-
-
-@_attend_sm90_op.register_fake
-def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias):
-    return q.new_empty(q.shape)
-
-
-@torch.library.custom_op("draftopt::attend_sm90_in_place", mutates_args=())
-def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
-                             kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int,
-                             tw: int, text_len: int, text_first: bool, visual_bias: bool) -> torch.Tensor:
-    from .geometry import Geometry
-
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
-    return attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias)
-
-
-@_attend_sm90_in_place_op.register_fake
-def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_first, visual_bias):
-    return torch.empty_like(q)

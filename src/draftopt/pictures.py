@@ -1,6 +1,6 @@
 """Pictures of block masks: the draft map beside the tiles it selected.
 
-matplotlib is imported lazily (only when a picture is saved).
+numpy and matplotlib (the ``pictures`` extra) are imported only when a picture is made.
 
 Example:
     >>> model = draftopt.optimize(model, sparsity=0.9, capture_masks=True)
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .kernels import DraftBlockMask
 
 # RGB of each kind of block in the mask picture
 KEPT, SKIPPED, TEXT = (31, 119, 180), (255, 255, 255), (255, 127, 14)
 
 
-def mask_image(mask: DraftBlockMask, batch: int = 0, head: int = 0, pixels_per_block: int = 4) -> np.ndarray:
-    """[n_blocks * p, n_blocks * p, 3] uint8: kept visual tile pairs blue, skipped white,
+def mask_image(mask: DraftBlockMask, batch: int = 0, head: int = 0, pixels_per_block: int = 4):
+    """numpy [n_blocks * p, n_blocks * p, 3] uint8: kept visual tile pairs blue, skipped white,
     text rows and columns (always computed) orange; query tiles are rows."""
+    np = _import("numpy")
     g = mask.geometry
     S, nb = g.n_tiles, g.n_blocks
     img = np.empty((nb, nb, 3), dtype=np.uint8)
@@ -37,8 +36,7 @@ def save_mask_images(mask: DraftBlockMask, prefix: str, heads=None, batch: int =
                      pixels_per_block: int = 4) -> list[str]:
     """For each head: ``{prefix}_b{batch}_h{head}_mask.png`` (the mask, pixel-exact) and
     ``{prefix}_b{batch}_h{head}.png`` (draft map beside the mask, labelled). Returns the paths."""
-    import matplotlib
-
+    matplotlib = _import("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.image
     import matplotlib.pyplot as plt
@@ -74,3 +72,11 @@ def save_mask_images(mask: DraftBlockMask, prefix: str, heads=None, batch: int =
         plt.close(fig)
         paths += [pic, raw]
     return paths
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise RuntimeError(f"draftopt pictures need {name}: pip install 'draftopt[pictures]' "
+                           f"(or pip install matplotlib numpy)") from e

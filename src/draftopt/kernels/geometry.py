@@ -133,7 +133,7 @@ class Geometry:
 
     # -- op arguments ----------------------------------------------------------
     def op_args(self) -> tuple[int, int, int, int, int, int, bool]:
-        """(T, H, W, th, tw, text_len, text_first): how the ops take a geometry."""
+        """(T, H, W, th, tw, text_len, text_first): how every op takes a geometry, in this order."""
         return (*self.grid, *self.tile, self.text_len, self.text_position == "start")
 
     @classmethod
@@ -158,18 +158,25 @@ class Geometry:
 
 
 # -- token order ---------------------------------------------------------------
+def tile_coords(s, geom: Geometry):
+    """Visual tile index ``s`` (int or tensor) -> (frame, tile row, tile column) in the grid of tiles.
+
+    The one definition of the tile order: frames first, then tile rows, then tile columns.
+    """
+    nh, nw = geom.tiles_hw
+    return s // (nh * nw), (s // nw) % nh, s % nw
+
+
 def permuted_source_index(geom: Geometry, device=None) -> torch.Tensor:
     """For each row of the permuted layout, the original token index (or -1 for padding).
 
     int64 tensor of ``geom.padded_len`` rows; built from arange arithmetic on
     ``device``, so it never synchronizes with the host.
     """
-    T, H, W = geom.grid
+    _, H, W = geom.grid
     th, tw = geom.tile
-    nh, nw = geom.tiles_hw
     blk = geom.block
-    s = torch.arange(geom.n_tiles, device=device)[:, None]
-    t, hi, wi = s // (nh * nw), (s // nw) % nh, s % nw
+    t, hi, wi = tile_coords(torch.arange(geom.n_tiles, device=device)[:, None], geom)
     r = torch.arange(blk, device=device)[None, :]
     h, w = hi * th + r // tw, wi * tw + r % tw  # the token's row and column in its frame
     src = geom.visual_offset + t * (H * W) + h * W + w
@@ -198,8 +205,7 @@ def original_to_permuted_index(geom: Geometry, device=None) -> torch.Tensor:
 def tile_token_counts(geom: Geometry, device=None) -> torch.Tensor:
     """Real tokens in each visual tile (float32, ``n_tiles``): the pooling divisor."""
     (_, H, W), (th, tw) = geom.grid, geom.tile
-    nh, nw = geom.tiles_hw
-    s = torch.arange(geom.n_tiles, device=device)
-    rows = torch.clamp(H - ((s // nw) % nh) * th, max=th)
-    cols = torch.clamp(W - (s % nw) * tw, max=tw)
+    _, hi, wi = tile_coords(torch.arange(geom.n_tiles, device=device), geom)
+    rows = torch.clamp(H - hi * th, max=th)
+    cols = torch.clamp(W - wi * tw, max=tw)
     return (rows * cols).to(torch.float32)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_dtype, refuse_grad, use_triton
-from .attention import block_sparse_attention, fuse_pays, needs_visual_bias, permuted_key_bias, tiled_attention
+from ._utils import MAX_HEAD_DIM, check_dtype, refuse_grad
 from .block_mask import DraftBlockMask
+from .dispatch import plan
 from .geometry import Geometry
-from .permute import permute_tiles, unpermute_tiles
-from .pool import tile_pool
-from .select import check_selection_args, dense_indices, draft_map, select_blocks
-
-# Register-resident [BLOCK, D] accumulators: beyond 128 the kernel spills.
-MAX_HEAD_DIM = 128
+from .ops.attention import block_sparse_attention, tiled_attention
+from .ops.draft_map import draft_map
+from .ops.key_bias import needs_visual_bias, permuted_key_bias
+from .ops.permute import permute_tiles, unpermute_tiles
+from .ops.pool import tile_pool
+from .ops.select import select_blocks
+from .sparsity import check_selection_args, dense_indices
 
 
 def draft_attention(
@@ -51,7 +52,7 @@ def draft_attention(
         text_len: text tokens in L (default: L - T*H*W).
         text_position: "start" or "end".
         sparsity: fraction of visual tile pairs to skip, in [0, 1).
-        policy: "percentile", "topk" or "cdf" (see ``select.py``).
+        policy: "percentile", "topk" or "cdf" (see ``sparsity.py``).
         cdf_threshold: draft mass a query tile must cover, for "cdf".
         attn_mask: optional key padding mask (bool: True = attend, or additive).
         scale: softmax scale (default 1/sqrt(D)).
@@ -68,7 +69,7 @@ def draft_attention(
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, L, D = q.shape
-    if use_triton(q):
+    if q.is_cuda:
         check_dtype("q", q)
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim {D} is larger than {MAX_HEAD_DIM}, the most the kernel supports")
@@ -90,14 +91,15 @@ def draft_attention(
         P = draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
-    bias_p = permuted_key_bias(attn_mask, B, H, geom, q.device)
-    visual_bias = needs_visual_bias(attn_mask is not None, geom)
-    if fuse_pays(geom, q):  # stages 3-5 in one op (tiles addressed in place where the kernel can)
-        out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale, visual_bias=visual_bias)
+    bias = permuted_key_bias(attn_mask, B, H, geom, q.device)
+    attend = dict(key_bias=bias, scale=scale, visual_bias=needs_visual_bias(attn_mask is not None, geom))
+    chosen = plan(geom, q.dtype, q.device, D, B)
+    attend["backend"] = chosen.backend.value
+    if chosen.fused:
+        out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, **attend)
     else:
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
-        out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, key_bias=bias_p, scale=scale,
-                                                     visual_bias=visual_bias), geom)
+        out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, **attend), geom)
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out

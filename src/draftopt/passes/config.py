@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .kernels.geometry import Geometry
-from .kernels.select import POLICIES, check_selection_args
+from ..kernels.geometry import TEXT_POSITIONS, Geometry
+from ..kernels.sparsity import POLICIES, check_selection_args
 
-# Sites with fewer visual tokens stay dense. Measured on an H100 (bf16, 12
-# heads, D=128, sparsity 0.9, CUDA-graph replays; BENCHMARKS.md "crossover"):
-# draftopt is 0.81x dense at 6144 tokens and 1.12x at 8192. Below that the
-# pipeline's fixed cost (~0.3 ms: pool, map, select, permutes) outweighs the
-# attention it skips.
+# Sites with fewer visual tokens stay dense: below this the pipeline's fixed
+# cost (pool, map, select, permutes) outweighs the attention it skips
+# (benchmarks/crossover.py; the crossover table in BENCHMARKS.md).
 MIN_TOKENS = 8192
 COMPILERS = ("inductor", "aot_eager", "eager")
-TEXT_POSITIONS = ("auto", "start", "end")
+# "auto": follow q back to the concatenation of text and video tokens.
+TEXT_POSITION_CHOICES = ("auto", *TEXT_POSITIONS)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class DraftConfig:
             inspection and pictures, off by default (no cost when off).
         fuse_permute: one op for stages 3-5 (``draftopt::tiled_attention``: the kernel reads
             each tile of q, k, v in place and writes the output rows back) where that is
-            faster (``kernels.attention.fuse_pays``): always on Hopper (the Gluon kernel),
+            faster, as ``draftopt.kernels.plan`` decides: always on Hopper (the Gluon kernel),
             elsewhere on grids the tiles cover exactly. False always keeps separate
             permute / attention / unpermute ops.
 
@@ -87,8 +86,8 @@ class DraftConfig:
         Geometry((1, 1, 1), self.tile)  # raises ValueError for a tile that is not one kernel block
         if self.text_len is not None and (not isinstance(self.text_len, int) or self.text_len < 0):
             raise ValueError(f"text_len must be None or an int >= 0, got {self.text_len!r}")
-        if self.text_position not in TEXT_POSITIONS:
-            raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}")
+        if self.text_position not in TEXT_POSITION_CHOICES:
+            raise ValueError(f"text_position must be one of {TEXT_POSITION_CHOICES}, got {self.text_position!r}")
         for name in ("min_tokens", "dense_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -118,4 +117,4 @@ class DraftConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["DraftConfig", "MIN_TOKENS", "COMPILERS", "POLICIES"]
+__all__ = ["COMPILERS", "DraftConfig", "MIN_TOKENS", "POLICIES", "TEXT_POSITION_CHOICES"]

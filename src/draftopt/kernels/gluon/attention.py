@@ -1,0 +1,131 @@
+"""Launchers of the Hopper attention kernel (_sm90_kernel.py): tile-major, or tiles in place at batch 1.
+
+``Sm90Tuning`` holds the kernel's schedule switches (ring sizes, ping-pong,
+rotated key sweeps). The defaults are the measured best (docs/design.md,
+"Hopper: why a Gluon kernel"; benchmarks/sweep_attention.py times the others); the ops
+never take them, only the sweep does.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .._utils import LOG2E
+from ..geometry import Geometry
+from . import _sm90_kernel as K
+
+BLOCK = 128
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Sm90Tuning:
+    """The Gluon kernel's schedule: K and V ring buffers (q 32 KB + 5 x 32 KB at D 128, one program
+    per SM), consumers taking turns (ping-pong), key sweeps staggered by launch order (rotate)."""
+
+    k_stages: int = 2
+    v_stages: int = 3
+    pingpong: bool = True
+    rotate: bool = True
+
+
+DEFAULT_TUNING = Sm90Tuning()
+
+
+def reads_in_place(geom: Geometry, batch: int) -> bool:
+    """Whether the kernel can address this geometry's tiles in place: batch 1 (the descriptors view one
+    batch), tiles split in two row halves (one per consumer) of whole 16-byte rows."""
+    th, tw = geom.tile
+    return batch == 1 and th % 2 == 0 and tw % 8 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sm(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gl_dtype(dtype):
+    return {torch.bfloat16: K.gl.bfloat16, torch.float16: K.gl.float16}[dtype]
+
+
+def _desc(t, shape, strides, block, gl_dtype):
+    return K.TensorDescriptor(t, shape, strides, block, K.gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+
+
+def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
+            visual_bias, in_place, tuning: Sm90Tuning):
+    if Lp != (n_tiles + n_text_blocks) * BLOCK:
+        raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
+    bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
+    n_bh = kv_cnt.shape[0] * n_heads
+    K._attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
+        *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
+        bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
+        kv_cnt.stride(0), kv_cnt.stride(1),
+        n_heads, n_bh, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw, _n_sm(kv_cnt.device.index),
+        VISUAL_BIAS=bool(visual_bias), K_STAGES=tuning.k_stages, V_STAGES=tuning.v_stages, TILE_H=tile_h,
+        IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, num_warps=4,
+    )
+
+
+def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
+                tuning: Sm90Tuning = DEFAULT_TUNING):
+    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output; ``bias`` [B|1, heads|1, Lp] float32."""
+    B, heads, Lp, D = q.shape
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    out = torch.empty((B, heads, Lp, D), dtype=q.dtype, device=q.device)
+    gl_dtype = _gl_dtype(q.dtype)
+    rows = B * heads * Lp
+    # q and out move in halves: each consumer warpgroup loads and stores its own 64 rows.
+    tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
+          for t in (q, k, v, out)]
+    _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
+            visual_bias, False, tuning)
+    return out
+
+
+def _tma_strides(t) -> bool:
+    # TMA: unit inner stride, the others and the start 16-byte aligned (8 elements of 16 bits).
+    return t.stride(-1) == 1 and t.stride(1) % 8 == 0 and t.stride(2) % 8 == 0 and t.storage_offset() % 8 == 0
+
+
+def _tma_ready(t):
+    """``t`` itself where TMA can read it in place, else a contiguous copy (a layout the copy engine
+    cannot address, or a user's buffer at an unaligned address)."""
+    return t if _tma_strides(t) and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, visual_bias,
+                         tuning: Sm90Tuning = DEFAULT_TUNING):
+    """Stages 3-5 in one kernel: original-order q, k, v [1, heads, L, D] -> output with q's strides.
+
+    Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
+    clipped by the copy engine: zeros in, nothing out), text blocks as rows of the
+    text; no permuted copies exist.
+    """
+    _, heads, L, D = q.shape
+    (T, H, W), (th, tw) = geom.grid, geom.tile
+    out = torch.empty_like(q)  # fresh, so aligned; q's strides where q is dense, else contiguous
+    q, k, v, out = (_tma_ready(t) for t in (q, k, v, out))
+    gl_dtype = _gl_dtype(q.dtype)
+    n_text = geom.text_len or L  # without text the text descriptors are never used
+
+    def views(t, half):
+        s_head, s_tok = t.stride(1), t.stride(2)
+        rows = BLOCK // 2 if half else BLOCK
+        flat = _desc(t[0, 0], [L, D], [s_tok, 1], [rows, D], gl_dtype)  # only for its block type
+        box = _desc(t[0, :, geom.visual_offset:], [heads, T, H, W, D], [s_head, H * W * s_tok, W * s_tok, s_tok, 1],
+                    [1, 1, th // 2 if half else th, tw, D], gl_dtype)
+        text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [heads, n_text, D], [s_head, s_tok, 1],
+                     [1, rows, D], gl_dtype)
+        return flat, box, text
+
+    (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
+    nh, nw = geom.tiles_hw
+    _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
+            geom.n_tiles, geom.n_text_blocks, geom.padded_len, nw, nh * nw, th, visual_bias, True, tuning)
+    return out

@@ -1,0 +1,176 @@
+"""Stage 4, sparse-attn: ``draftopt::block_sparse_attention`` and, stages 3-5 fused, ``draftopt::tiled_attention``.
+
+``block_sparse_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, block,
+n_text_blocks, visual_bias, backend)`` takes q, k, v in the padded tile-major
+layout [B, heads, Lp, D] (``permute_tiles``), where the first S blocks are
+visual tiles and the last ``n_text_blocks`` are text:
+
+- a visual query tile attends to its selected key tiles (``kv_idx[..., :kv_cnt]``)
+  and to every text block;
+- a text query block attends to every block;
+- ``key_bias`` [B or 1, heads or 1, Lp] float32 is added to every score of a key
+  (key_bias.py); ``visual_bias=False`` promises it is 0 on visual key tiles.
+
+``tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, T, H, W, th, tw,
+text_len, text_first, visual_bias, backend)`` computes the same on q, k, v in
+the original token order, with no permuted copies where the backend's kernel
+reads tiles in place.
+
+``backend`` ("torch", "triton" or "gluon_sm90") is the kernel that runs, as
+``dispatch.plan`` chose it; the Python wrappers plan it when not given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from .._utils import check_dtype, make_inference_only, refuse_grad
+from ..block_mask import indices_to_dense
+from ..dispatch import Backend, check_backend, plan
+from ..geometry import Geometry, original_to_permuted_index, permuted_source_index
+from ..gluon.attention import reads_in_place
+from ..triton.attention import block_sparse_attention_triton, tiled_attention_triton
+from ..triton.gather import gather_rows_triton
+from .key_bias import needs_visual_bias, permuted_key_bias
+from .permute import gather_rows_reference
+
+
+def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
+    """Dense attention with the block mask expanded to tokens (float32, float64 for float64 input)."""
+    B, H, Lp, _ = q.shape
+    S = kv_idx.shape[2]
+    nb = S + n_text_blocks
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    blocks = torch.ones(B, H, nb, nb, dtype=torch.bool, device=q.device)
+    blocks[..., :S, :S] = indices_to_dense(kv_idx, kv_cnt)
+    allowed = blocks.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + key_bias.to(acc)[..., None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros, as the kernel
+    return (p @ v.to(acc)).to(q.dtype)
+
+
+def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry):
+    """The unfused stages: permute, block-sparse attention, unpermute (output with q's strides)."""
+    qp, kp, vp = (gather_rows_reference(t, permuted_source_index(geom, t.device)) for t in (q, k, v))
+    out_p = block_sparse_attention_reference(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.block,
+                                             geom.n_text_blocks)
+    out = torch.empty_like(q)
+    out.copy_(gather_rows_reference(out_p, original_to_permuted_index(geom, q.device)))
+    return out
+
+
+def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias):
+    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies."""
+    if reads_in_place(geom, q.shape[0]):
+        return torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
+                                                       visual_bias)
+    src = permuted_source_index(geom, q.device)
+    qp, kp, vp = (gather_rows_triton(t, src) for t in (q, k, v))
+    out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.n_tiles,
+                                           geom.n_text_blocks, visual_bias)
+    return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
+
+
+@triton_op("draftopt::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    key_bias: torch.Tensor, scale: float, block: int, n_text_blocks: int, visual_bias: bool, backend: str,
+) -> torch.Tensor:
+    chosen = check_backend(backend, q, block)
+    if chosen is Backend.GLUON_SM90:
+        return torch.ops.draftopt.attend_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, kv_idx.shape[2],
+                                              n_text_blocks, visual_bias)
+    if chosen is Backend.TRITON:
+        return block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
+                                             visual_bias)
+    return block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
+
+
+@triton_op("draftopt::tiled_attention", mutates_args=())
+def _tiled_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    key_bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int, tw: int, text_len: int,
+    text_first: bool, visual_bias: bool, backend: str,
+) -> torch.Tensor:
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    chosen = check_backend(backend, q, geom.block)
+    if chosen is Backend.GLUON_SM90:
+        return _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
+    if chosen is Backend.TRITON:
+        return tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
+    return tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom)
+
+
+make_inference_only(_block_sparse_attention_op, "block_sparse_attention")
+make_inference_only(_tiled_attention_op, "tiled_attention")
+
+
+def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_bias, backend):
+    """Shared checks and defaults of the two wrappers: (key_bias, scale, visual_bias, backend)."""
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
+        raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
+                         f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
+    if q.is_cuda:
+        check_dtype("q", q)
+    refuse_grad(name, q, k, v)
+    if visual_bias is None:
+        visual_bias = needs_visual_bias(key_bias is not None, geom)
+    if key_bias is None:
+        key_bias = permuted_key_bias(None, B, H, geom, q.device)
+    if backend is None:
+        backend = plan(geom, q.dtype, q.device, D, B).backend.value
+    return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias), str(backend)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    geom: Geometry, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
+    visual_bias: bool | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention on tile-major q, k, v [B, heads, Lp, D] (see the module doc).
+
+    ``key_bias`` defaults to 0 for real tokens and -inf for padding rows.
+    ``visual_bias``: whether ``key_bias`` may be nonzero on visual key tiles
+    (default: True when ``key_bias`` is given, else whether the geometry has
+    padding rows in edge tiles). ``backend``: None plans it (``dispatch.plan``).
+    """
+    if q.dim() == 4 and q.shape[2] != geom.padded_len:
+        raise ValueError(f"q has {q.shape[2]} rows; the tile-major layout of {geom} has {geom.padded_len}")
+    key_bias, scale, visual_bias, backend = _checked_args("block_sparse_attention", q, k, v, kv_idx, kv_cnt, geom,
+                                                          key_bias, scale, visual_bias, backend)
+    return torch.ops.draftopt.block_sparse_attention(
+        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, visual_bias, backend)
+
+
+def tiled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+    geom: Geometry, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
+    visual_bias: bool | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """Stages 3-5 in one op: block-sparse attention on q, k, v in the original token order.
+
+    Same result as ``unpermute_tiles(block_sparse_attention(permute_tiles(q), ...))``;
+    the kernel reads each tile's rows where they are (any strides, e.g. SDPA's
+    transposed [B, L, heads, D] views) and writes the output rows to their
+    original places. ``key_bias`` is in the tile-major layout (``permuted_key_bias``).
+
+    Example:
+        >>> from draftopt.kernels import Geometry, draft_map, select_blocks, tile_pool, tiled_attention
+        >>> g = Geometry((2, 16, 16), (8, 16))
+        >>> q, k, v = (torch.randn(1, 2, g.seq_len, 64) for _ in range(3))
+        >>> kv_idx, kv_cnt = select_blocks(draft_map(tile_pool(q, g), tile_pool(k, g), 0.125), 0.5)
+        >>> tiled_attention(q, k, v, kv_idx, kv_cnt, g).shape
+        torch.Size([1, 2, 512, 64])
+    """
+    if q.dim() == 4:
+        geom.check_seq_len(q.shape[2], "q")
+    key_bias, scale, visual_bias, backend = _checked_args("tiled_attention", q, k, v, kv_idx, kv_cnt, geom,
+                                                          key_bias, scale, visual_bias, backend)
+    return torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
+                                              visual_bias, backend)

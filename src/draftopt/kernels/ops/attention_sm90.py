@@ -1,0 +1,41 @@
+"""``draftopt::attend_sm90`` and ``draftopt::attend_sm90_in_place``: the Gluon Hopper kernel as ops.
+
+Opaque custom ops (not triton_ops): torch.compile cannot trace a Gluon launch,
+so Inductor calls these as extern kernels; they sync nothing, so CUDA graphs
+capture them. The attention ops (attention.py) call them for the
+``gluon_sm90`` backend; the kernel is gluon/_sm90_kernel.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..geometry import Geometry
+from ..gluon.attention import attend_sm90, attend_sm90_in_place
+
+
+@torch.library.custom_op("draftopt::attend_sm90", mutates_args=())
+def _attend_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+                    bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int,
+                    visual_bias: bool) -> torch.Tensor:
+    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output."""
+    return attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
+
+
+@_attend_sm90_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("draftopt::attend_sm90_in_place", mutates_args=())
+def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
+                             kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int,
+                             tw: int, text_len: int, text_first: bool, visual_bias: bool) -> torch.Tensor:
+    """Original-order q, k, v [1, heads, L, D] -> output in the original order (tiles read in place)."""
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    return attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias)
+
+
+@_attend_sm90_in_place_op.register_fake
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_first, visual_bias):
+    return torch.empty_like(q)

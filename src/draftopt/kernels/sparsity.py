@@ -1,0 +1,97 @@
+"""Selection policies in PyTorch, their argument checks and keep counts.
+
+A policy turns a draft map P [B, heads, S, S] into the set of (query tile, key
+tile) pairs to compute:
+
+- ``"percentile"`` (the paper): per (batch, head) keep the ``keep_count(s, S*S)``
+  largest entries of P (its (1 - s) upper fraction).
+- ``"topk"``: each query tile keeps its ``keep_count(s, S)`` best key tiles
+  (a fixed count: static shapes, the same work per tile).
+- ``"cdf"``: each query tile keeps the fewest best key tiles whose draft mass
+  reaches ``cdf_threshold``, at most ``keep_count(s, S)`` of them.
+
+Every policy also keeps the diagonal (a tile always sees itself, so no row is
+ever empty), and sparsity 0 keeps everything. These functions are the CPU path
+of ``draftopt::select_blocks`` and the oracle the GPU paths are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+POLICIES = ("percentile", "topk", "cdf")
+
+
+def check_selection_args(sparsity: float, policy: str, cdf_threshold: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+    if not isinstance(cdf_threshold, (int, float)) or not 0.0 < cdf_threshold <= 1.0:
+        raise ValueError(f"cdf_threshold must be a number in (0, 1], got {cdf_threshold!r}")
+
+
+def keep_count(sparsity: float, n: int) -> int:
+    """ceil((1 - sparsity) * n), at least 1; rounded first so 0.1 * 100 is 10, not 11."""
+    return max(1, math.ceil(round((1.0 - sparsity) * n, 6)))
+
+
+def expected_kept_tiles(policy: str, sparsity: float, S: int) -> int:
+    """Visual (query tile, key tile) pairs the policy keeps (cdf: its budget, an upper bound)."""
+    if sparsity == 0.0:
+        return S * S
+    if policy == "percentile":
+        return keep_count(sparsity, S * S)
+    return S * keep_count(sparsity, S)
+
+
+def with_diagonal(keep: torch.Tensor) -> torch.Tensor:
+    S = keep.shape[-1]
+    return keep | torch.eye(S, dtype=torch.bool, device=keep.device)
+
+
+def keep_percentile(P: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean [B, heads, S, S]: each head's keep_count(s, S*S) largest entries, plus the diagonal."""
+    B, H, S, _ = P.shape
+    flat = P.reshape(B, H, S * S)
+    top = flat.topk(keep_count(sparsity, S * S), dim=-1, sorted=False).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True)
+    return with_diagonal(keep.reshape(B, H, S, S))
+
+
+def keep_cdf(P: torch.Tensor, sparsity: float, threshold: float) -> torch.Tensor:
+    """Boolean [B, heads, S, S]: per row the fewest best tiles reaching ``threshold`` mass (capped)."""
+    S = P.shape[-1]
+    vals, order = P.sort(dim=-1, descending=True)
+    mass_before = vals.cumsum(dim=-1) - vals
+    rank = torch.arange(S, device=P.device)
+    keep_sorted = (mass_before < threshold) & (rank < keep_count(sparsity, S))
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return with_diagonal(keep)
+
+
+def topk_indices(P: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """int32 [B, heads, S, K]: each row's K = keep_count(s, S) best tiles, ascending, diagonal included."""
+    S = P.shape[-1]
+    diag = torch.eye(S, dtype=torch.bool, device=P.device)
+    forced = P.masked_fill(diag, float("inf"))  # the diagonal always wins a slot
+    idx = forced.topk(keep_count(sparsity, S), dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values.to(torch.int32)
+
+
+def compact_reference(keep: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept set [B, heads, S, S] -> (kv_idx [.., K] ascending, rest = the diagonal; kv_cnt)."""
+    S = keep.shape[-1]
+    order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :K]
+    cnt = keep.sum(dim=-1).clamp(max=K)
+    diag = torch.arange(S, device=keep.device)[:, None].expand(S, K)
+    live = torch.arange(K, device=keep.device) < cnt[..., None]
+    return torch.where(live, order, diag).to(torch.int32), cnt.to(torch.int32)
+
+
+def dense_indices(B: int, H: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_idx, kv_cnt) that keep every tile: what any policy selects at sparsity 0."""
+    idx = torch.arange(S, dtype=torch.int32, device=device).expand(B, H, S, S).contiguous()
+    return idx, torch.full((B, H, S), S, dtype=torch.int32, device=device)
