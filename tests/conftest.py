@@ -6,6 +6,7 @@ be set before any @triton.jit decorator runs, i.e. before draftopt is imported.
 
 import os
 import random
+import zlib
 
 import torch
 
@@ -19,14 +20,27 @@ import pytest  # noqa: E402
 SEED = int(os.environ.get("DRAFTOPT_TEST_SEED", random.randrange(2**31)))
 
 
+def per_test_seed(run_seed: int, nodeid: str) -> int:
+    """The torch seed of one test: the run seed mixed with a hash of the test id that is the same in
+    every process (Python's hash() of a str is salted per process, so it could not replay a run)."""
+    return run_seed ^ (zlib.crc32(nodeid.encode()) & 0x7FFFFFFF)
+
+
 def pytest_report_header(config):
     return f"draftopt: seed {SEED} (DRAFTOPT_TEST_SEED to replay), cuda={HAS_CUDA}"
 
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # One seed per test, derived from the run seed and the test id.
-    torch.manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
+    torch.manual_seed(per_test_seed(SEED, request.node.nodeid))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:  # the seed beside the failure, not only in the run's header
+        report.sections.append(("draftopt seed", f"DRAFTOPT_TEST_SEED={SEED} replays this run (this test: "
+                                                 f"torch.manual_seed({per_test_seed(SEED, item.nodeid)}))"))
 
 
 @pytest.fixture

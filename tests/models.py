@@ -1,5 +1,5 @@
 """Small models for the graph-layer tests: diffusers' Wan and HunyuanVideo with
-tiny configs (random weights, CPU-fast) and a hand-written toy DiT."""
+tiny configs (random weights, CPU-fast), a hand-written toy DiT and one bare SDPA layer."""
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +78,45 @@ class ToyDiT(nn.Module):
             h = h + blk(norm(h))
         video = F.gelu(self.head(h[:, text.shape[1]:]))
         return video.view(B, T, H // 2, W // 2, C, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(B, C, T, H, W)
+
+
+def toy_inputs(batch=2, latent=(2, 8, 16), text_len=7):
+    """(latent, text) for ToyDiT."""
+    return torch.randn(batch, 4, *latent), torch.randn(batch, text_len, 12)
+
+
+@torch.compiler.disable
+def _interruption_point(module):
+    """Runs outside the compiled graph: a failure here happens at run time, as a Ctrl-C in a step does
+    (an exception raised while Dynamo traces would make it give up compiling the function for good)."""
+    if module.fail_with is not None:
+        raise module.fail_with("interrupted")
+
+
+class TinyAttention(nn.Module):
+    """One SDPA self-attention over 2x8x8 = 128 tokens (optimize it with TINY_ATTENTION_OPTIONS): the
+    cheapest model the pass rewrites. ``fail_with``: an exception class its forward raises after the
+    attention (an interrupted pipeline)."""
+
+    LATENT = (2, 8, 8)
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.fail_with = None
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C)
+        _interruption_point(self)
+        return out
+
+    @staticmethod
+    def inputs(batch=1, dim=32):
+        T, H, W = TinyAttention.LATENT
+        return torch.randn(batch, T * H * W, dim)
+
+
+TINY_ATTENTION_OPTIONS = dict(latent_shape=TinyAttention.LATENT, tile=(4, 4), min_tokens=0, compiler="eager")

@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import draftopt  # noqa: E402
+from tests.helpers import CPU_OPTIONS  # noqa: E402
 from tests.models import tiny_wan, wan_inputs  # noqa: E402
 
 SPARSITIES = (0.0, 0.9)
-OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager", fullgraph=True)
+OPTS = {**CPU_OPTIONS, "fullgraph": True}
 
 
 def build():

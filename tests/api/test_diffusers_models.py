@@ -5,13 +5,14 @@ import torch
 
 import draftopt
 
+from ..helpers import CPU_OPTIONS
 from ..models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 from ..reference_model import reference_attention
 
 pytest.importorskip("diffusers")
 
 # Tiny models have 2x8x16 = 256 video tokens: tiles of 4x4 give 16 tiles.
-OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager", fullgraph=True)
+OPTS = {**CPU_OPTIONS, "fullgraph": True}
 
 
 def statuses(model):

@@ -5,6 +5,7 @@ import torch
 
 import draftopt
 
+from ..helpers import rel_err
 from ..models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 from ..reference_model import reference_attention
 
@@ -13,10 +14,6 @@ pytest.importorskip("diffusers")
 
 LATENT = (8, 32, 64)  # -> 8 x 16 x 32 = 4096 video tokens after 1x2x2 patches
 GRID = (8, 16, 32)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def build(kind, batch=2):

@@ -1,23 +1,25 @@
-"""optimize(), the backend by name, DraftConfig validation, the toy DiT with explicit attention."""
+"""optimize(), the backend by name, DraftConfig validation, the toy DiT with explicit attention,
+dense warm-ups and the process-wide records."""
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 import draftopt
+from draftopt import backend
+from draftopt.passes.config import TEXT_POSITION_CHOICES
 
-from ..models import ToyDiT, tiny_wan, wan_inputs
+from ..helpers import CPU_OPTIONS as OPTS
+from ..models import TINY_ATTENTION_OPTIONS, TinyAttention, ToyDiT, tiny_wan, toy_inputs, wan_inputs
 from ..reference_model import reference_attention
-
-OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager")
-
-
-def toy_inputs(batch=2, latent=(2, 8, 16), text_len=7):
-    return torch.randn(batch, 4, *latent), torch.randn(batch, text_len, 12)
 
 
 @torch.no_grad()
@@ -45,9 +47,12 @@ def test_toy_dit_sparse_matches_reference_op(latent, fuse):
     model = draftopt.optimize(toy, sparsity=0.5, fuse_permute=fuse, **OPTS)
     got = model(latent, text)
     grid = (2, latent.shape[3] // 2, latent.shape[4] // 2)
-    rec = draftopt.report(model).rewritten[0]
-    # fused only where the tiles cover the grid exactly (kernels.attention.fuse_pays)
-    assert rec.grid == grid and rec.fused == (fuse and grid[1] % 4 == 0 and grid[2] % 4 == 0)
+    rep = draftopt.report(model)
+    rec = rep.rewritten[0]
+    # fused only where the tiles cover the grid exactly (draftopt.kernels.plan, on the CPU)
+    fused = fuse and grid[1] % 4 == 0 and grid[2] % 4 == 0
+    assert rec.grid == grid and (rec.kernel, rec.fused, rec.in_place) == ("torch", fused, fused)
+    assert rec.plan == ("torch, fused in place" if fused else "torch, separate permutes") and rec.plan in str(rep)
     attn = toy.blocks[0]
     # explicit attention = SDPA with the module's scale: route it through SDPA for the reference
     def forward_sdpa(x, self=attn):
@@ -110,11 +115,15 @@ def test_backend_by_name_in_a_fresh_process(tmp_path):
 def test_backend_options_are_validated():
     model = torch.nn.Linear(4, 4)
     compiled = torch.compile(model, backend="draftopt", options={"sparsity": 1.5})
-    with pytest.raises(Exception, match="sparsity must be a number in \\[0, 1\\), got 1.5"):
+    with pytest.raises(BackendCompilerFailed,
+                       match=r"ValueError: sparsity must be a number in \[0, 1\), got 1.5") as e:
         compiled(torch.randn(2, 4))
+    assert isinstance(e.value.inner_exception, ValueError)
     compiled = torch.compile(model, backend="draftopt", options={"sparsty": 0.5})
-    with pytest.raises(Exception, match="unknown draftopt option\\(s\\) \\['sparsty'\\]"):
+    with pytest.raises(BackendCompilerFailed,
+                       match=r"ValueError: unknown draftopt option\(s\) \['sparsty'\]") as e:
         compiled(torch.randn(2, 4))
+    assert isinstance(e.value.inner_exception, ValueError)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -123,7 +132,7 @@ def test_backend_options_are_validated():
     (dict(latent_shape=(2, 16)), "latent_shape must be three positive ints"),
     (dict(tile=(3, 3)), r"tile \(3, 3\)"),
     (dict(compiler="tvm"), "compiler must be one of"),
-    (dict(text_position="middle"), "text_position"),
+    (dict(text_position="middle"), r"text_position must be one of \('auto', 'start', 'end'\), got 'middle'"),
     (dict(dense_layers=-1), "dense_layers"),
     (dict(patch_size=0), "patch_size"),
     (dict(warp_speed=9), r"unknown draftopt option\(s\) \['warp_speed'\]"),
@@ -135,9 +144,11 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 def test_latent_shape_not_divisible_by_patch():
     model = draftopt.optimize(tiny_wan(), latent_shape=(2, 15, 32), sparsity=0.5, **OPTS)
-    with pytest.raises(Exception, match=r"latent_shape \(2, 15, 32\) is not divisible by the patch size \(1, 2, 2\)"):
+    with pytest.raises(BackendCompilerFailed,
+                       match=r"latent_shape \(2, 15, 32\) is not divisible by the patch size \(1, 2, 2\)") as e:
         with torch.no_grad():
             model(**wan_inputs())
+    assert isinstance(e.value.inner_exception, ValueError)
 
 
 def test_optimize_twice_reconfigures_instead_of_stacking():
@@ -175,5 +186,129 @@ def test_report_before_the_first_call():
 def test_backward_through_rewritten_sites_raises_clearly():
     wan = tiny_wan()
     model = draftopt.optimize(wan, sparsity=0.5, **OPTS)
-    with pytest.raises(Exception, match="inference-only"):
+    # AOTAutograd traces the backward while compiling: the ops' refusing backward fails the compile
+    with pytest.raises(BackendCompilerFailed, match=r"draftopt::\w+ is inference-only \(no backward\)") as e:
         model(**wan_inputs())[0].sum().backward()
+    assert isinstance(e.value.inner_exception, RuntimeError)
+
+
+@pytest.mark.parametrize("position", TEXT_POSITION_CHOICES)
+def test_text_position_choices(position):
+    assert TEXT_POSITION_CHOICES == ("auto", "start", "end")
+    assert draftopt.DraftConfig(text_position=position).text_position == position
+
+
+# -- dense warm-ups ------------------------------------------------------------------------------
+@pytest.fixture
+def tiny():
+    """(model, optimized model, input): one SDPA layer, sparsity 0.9 (far from dense), eager."""
+    model = TinyAttention().eval()
+    return model, draftopt.optimize(model, sparsity=0.9, **TINY_ATTENTION_OPTIONS), TinyAttention.inputs()
+
+
+def runs_dense(tiny) -> bool:
+    model, optimized, x = tiny
+    with torch.no_grad():
+        out, dense = optimized(x), model(x)
+    if torch.allclose(out, dense, atol=1e-5, rtol=1e-5):
+        return True
+    assert (out - dense).abs().max() > 1e-2, "neither dense nor clearly sparse"
+    return False
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_dense_warmup_ends_when_a_dense_step_raises(tiny, error):
+    """An interrupted pipeline (Ctrl-C, an error in a step) must not leave the model dense for good."""
+    model, optimized, x = tiny
+    warmup = draftopt.DenseWarmup(optimized, steps=10)
+    assert warmup.active and runs_dense(tiny)
+    model.fail_with = error
+    with pytest.raises(error, match="interrupted"), torch.no_grad():
+        optimized(x)
+    model.fail_with = None
+    assert not warmup.active and not runs_dense(tiny)
+
+
+def test_dense_warmup_close_is_idempotent(tiny):
+    warmup = draftopt.DenseWarmup(tiny[1], steps=10)
+    assert runs_dense(tiny)
+    warmup.close()
+    assert not warmup.active and not runs_dense(tiny)
+    warmup.close()
+    warmup(None, 0, 0, {})  # a callback after close changes nothing
+    assert not runs_dense(tiny)
+
+
+def test_dense_warmup_as_a_context_manager(tiny):
+    with draftopt.DenseWarmup(tiny[1], steps=10) as warmup:
+        assert warmup.active and runs_dense(tiny)
+    assert not warmup.active and not runs_dense(tiny)
+    with pytest.raises(KeyError, match="stop"):
+        with draftopt.DenseWarmup(tiny[1], steps=10):
+            raise KeyError("stop")
+    assert not runs_dense(tiny)
+
+
+def test_dense_warmup_dropped_unfinished(tiny):
+    warmup = draftopt.DenseWarmup(tiny[1], steps=10)
+    assert runs_dense(tiny)
+    del warmup
+    gc.collect()
+    assert not runs_dense(tiny)
+
+
+def test_dense_warmups_nest_with_dense(tiny):
+    first, second = draftopt.DenseWarmup(tiny[1], steps=10), draftopt.DenseWarmup(tiny[1], steps=10)
+    first.close()
+    assert runs_dense(tiny)  # the second is still on
+    with draftopt.dense(tiny[1]):
+        second.close()
+        assert runs_dense(tiny)
+    assert not runs_dense(tiny)
+    assert not draftopt.DenseWarmup(tiny[1], steps=0).active and not runs_dense(tiny)
+
+
+def test_dense_warmup_ends_at_the_pipelines_last_step(tiny):
+    """More warm-up steps than the pipeline runs: dense until its last step (``pipe.num_timesteps``)."""
+    warmup = draftopt.DenseWarmup(tiny[1], steps=50)
+    pipe = SimpleNamespace(num_timesteps=3)
+    for step in range(3):
+        assert warmup.active and runs_dense(tiny)
+        assert warmup(pipe, step, 999 - step, {"latents": step}) == {"latents": step}
+    assert not warmup.active and not runs_dense(tiny)
+
+
+# -- the process-wide records --------------------------------------------------------------------
+def test_reset_empties_the_process_report():
+    draftopt.reset()
+    assert "no graph compiled yet" in str(draftopt.report())
+    model = TinyAttention().eval()
+    optimized = draftopt.optimize(model, sparsity=0.5, capture_masks=True, **TINY_ATTENTION_OPTIONS)
+    with torch.no_grad():
+        optimized(TinyAttention.inputs())
+    assert len(draftopt.report().graphs) == 1 and len(draftopt.report().rewritten) == 1
+    assert list(draftopt.captured_masks()) == ["scaled_dot_product_attention"]
+    draftopt.reset()
+    assert not draftopt.report().graphs and "no graph compiled yet" in str(draftopt.report())
+    assert draftopt.captured_masks() == {}
+    assert len(draftopt.report(optimized).graphs) == 1  # a model keeps its own records
+
+
+def test_process_report_keeps_the_newest_graphs(monkeypatch):
+    assert backend.GRAPHS.maxlen == backend.MAX_GRAPHS
+    monkeypatch.setattr(backend, "GRAPHS", deque(maxlen=2))
+    for batch in (1, 2, 3):  # static shapes: one graph per batch size
+        optimized = draftopt.optimize(TinyAttention().eval(), sparsity=0.5, **TINY_ATTENTION_OPTIONS)
+        with torch.no_grad():
+            optimized(TinyAttention.inputs(batch))
+    graphs = draftopt.report().graphs
+    assert [g.sites[0].q_shape[0] for g in graphs] == [2, 3]
+
+
+def test_graph_flops_are_counted_when_a_report_asks(tiny):
+    with torch.no_grad():
+        tiny[1](tiny[2])
+    (graph,) = draftopt.report(tiny[1]).graphs
+    assert graph.flops_total is None and graph.count_flops is not None  # nothing counted while compiling
+    assert "GFLOP" in str(draftopt.report(tiny[1]))
+    assert graph.flops_total > 0 and graph.count_flops is None and not graph.flops_error

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import draftopt
-from draftopt.report import Report, site_flops
+from draftopt.passes import SiteRecord
+from draftopt.report import GraphRecord, Report, site_flops
 
+from ..helpers import CPU_OPTIONS as OPTS
 from ..models import hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
-OPTS = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -75,6 +76,58 @@ def test_op_counts_show_what_was_removed_and_added(wan_report):
     assert "draftopt.permute_tiles.default" not in g.counts_after
     assert "draftopt.tiled_attention.default" in str(wan_report)
     assert all(s.fused for s in wan_report.sites if s.status == "rewritten")
+
+
+def test_site_table_shows_each_sites_kernel_plan(wan_report, hunyuan_report):
+    """Per site: the backend draftopt.kernels.plan chose and how q, k, v reach it; "-" where skipped."""
+    for s in wan_report.rewritten + hunyuan_report.rewritten:  # 8x16 grids in 4x4 tiles: no padding rows
+        assert (s.kernel, s.fused, s.in_place, s.kernel_reason) == ("torch", True, True, "not a CUDA device (cpu)")
+        assert s.plan == "torch, fused in place"
+    assert all(s.plan == "-" and s.kernel == "" for s in wan_report.skipped + hunyuan_report.skipped)
+    lines = str(wan_report).splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("graph") and "site" in line)
+    assert header.split()[-4:] == ["parallel", "kernel", "status", "reason"] and "permute" not in header
+    rows = [line for line in lines if "blocks.0.attn" in line]
+    assert "torch, fused in place" in rows[0] and "rewritten" in rows[0]
+    assert "torch, fused in place" not in rows[1] and "skipped" in rows[1]
+    for page in (hunyuan_report.to_markdown(), hunyuan_report.to_html()):
+        assert "torch, fused in place" in page
+
+
+def test_separate_permutes_in_the_report():
+    torch._dynamo.reset()
+    model = draftopt.optimize(tiny_wan(layers=1), sparsity=0.75, fuse_permute=False, **OPTS)
+    with torch.no_grad():
+        model(**wan_inputs())
+    rep = draftopt.report(model)
+    (site,) = rep.rewritten
+    assert (site.kernel, site.fused, site.in_place, site.plan) == ("torch", False, False, "torch, separate permutes")
+    assert "torch, separate permutes" in str(rep)
+    assert rep.graphs[0].counts_after["draftopt.permute_tiles.default"] == 3
+
+
+def test_graph_flops_are_counted_once_and_only_when_asked():
+    calls = []
+    graph = GraphRecord(index=4, count_flops=lambda: calls.append(1) or 1000)
+    rep = Report([graph])
+    assert not calls
+    assert rep.totals()["graph_flops"] == 1000
+    rep.to_json()
+    assert calls == [1] and graph.flops_total == 1000 and graph.count_flops is None
+
+
+def test_a_flop_count_failure_shows_in_the_summary():
+    def count():
+        raise NotImplementedError("no fake kernel for draftopt_test::op\nsecond line")
+
+    site = SiteRecord("blocks.0", "sdpa", q_shape=(1, 2, 256, 16), kv_shape=(1, 2, 256, 16))
+    rep = Report([GraphRecord(index=3, sites=[site], count_flops=count)])
+    summary = str(rep).split("Attention sites")[0]
+    assert "graph 3: FLOPs not counted (NotImplementedError: no fake kernel for draftopt_test::op)" in summary
+    assert "second line" not in summary and rep.totals()["graph_flops"] is None
+    data = json.loads(rep.to_json())
+    assert data["graphs"][0]["flops_error"].startswith("NotImplementedError: no fake kernel")
+    assert "FLOPs not counted" in Report.from_json(rep.to_json()).to_html()
 
 
 def test_json_round_trips(hunyuan_report):

@@ -1,21 +1,24 @@
-"""The Gluon (Hopper) attention kernel (kernels/attention_sm90.py) against the float64 reference."""
+"""The Gluon (Hopper) attention kernel (kernels/gluon/) against the float64 reference, and the
+predicates that route a call to it (checked on the CPU with a stand-in device capability)."""
 
 import pytest
 import torch
 
-from draftopt.kernels import Geometry, permute_tiles, unpermute_tiles
-from draftopt.kernels import attention_sm90
-from draftopt.kernels._common import poison_outputs
+from draftopt.kernels import Geometry, dispatch, permute_tiles, unpermute_tiles
+from draftopt.kernels.gluon import _sm90_kernel
+from draftopt.kernels.gluon.attention import Sm90Tuning, _n_sm, _tma_ready, attend_sm90, reads_in_place
 
-from .test_attention import expected, key_bias_for, random_block_mask
+from ..helpers import key_bias_for, masked_reference, poison_outputs, random_block_mask
 from .tolerances import assert_close
 
+
 def _require_sm90():
-    if not (torch.cuda.is_available() and attention_sm90.HAVE_GLUON
+    if not (torch.cuda.is_available() and _sm90_kernel.HAVE_GLUON
             and torch.cuda.get_device_capability() == (9, 0)):
         pytest.skip("needs an sm_90 GPU and Triton's Gluon")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g, B, H, D, density, visual_bias", [
     (Geometry((2, 16, 32), (8, 16), 77, "end"), 2, 3, 128, 0.3, False),   # tiles cover the grid: no visual bias
@@ -37,22 +40,25 @@ def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
     with poison_outputs():
         out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
                                                g.n_text_blocks, visual_bias)
-    assert_close(unpermute_tiles(out_p, g), expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
+    assert_close(unpermute_tiles(out_p, g), masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
-@pytest.mark.parametrize("stages", [(2, 2, False), (3, 2, False), (2, 3, True), (3, 2, True)])
-def test_sm90_schedules(stages):
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuning", [Sm90Tuning(2, 2, pingpong=False), Sm90Tuning(3, 2, pingpong=False),
+                                    Sm90Tuning(2, 3, pingpong=True), Sm90Tuning(3, 2, pingpong=True)], ids=str)
+def test_sm90_schedules(tuning):
     """Other K / V ring sizes and the ping-pong schedule (the sweep's alternatives) compute the same."""
     _require_sm90()
     g = Geometry((2, 16, 32), (8, 16), 77, "end")
     q, k, v = (torch.randn(1, 2, g.padded_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     kv_idx, kv_cnt = random_block_mask(1, 2, g.n_tiles, 0.5, "cuda")
     bias = key_bias_for(g, torch.ones(1, g.seq_len, dtype=torch.bool, device="cuda"), "cuda")
-    want = attention_sm90.attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True)
-    got = attention_sm90.attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True, *stages)
+    want = attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True)
+    got = attend_sm90(q, k, v, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, True, tuning=tuning)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("rotate", [False, True])
 def test_sm90_rotated_sweeps(rotate):
     """Key sweeps started mid-list (ROTATE) and the heavy-first program order, over more programs than SMs
@@ -63,26 +69,62 @@ def test_sm90_rotated_sweeps(rotate):
     kv_idx, kv_cnt = random_block_mask(2, 3, g.n_tiles, 0.6, "cuda")
     keep = torch.ones(2, g.seq_len, dtype=torch.bool, device="cuda")
     bias = key_bias_for(g, keep, "cuda")
-    assert 2 * 3 * (g.n_tiles + g.n_text_blocks) > attention_sm90._n_sm(torch.cuda.current_device())
+    assert 2 * 3 * (g.n_tiles + g.n_text_blocks) > _n_sm(torch.cuda.current_device())
     qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
     with poison_outputs():
-        got = attention_sm90.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, 128 ** -0.5, g.n_tiles,
-                                         g.n_text_blocks, False, rotate=rotate)
-    assert_close(unpermute_tiles(got, g), expected(q, k, v, g, kv_idx, kv_cnt, keep), torch.bfloat16)
+        got = attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, 128 ** -0.5, g.n_tiles, g.n_text_blocks, False,
+                          tuning=Sm90Tuning(rotate=rotate))
+    assert_close(unpermute_tiles(got, g), masked_reference(q, k, v, g, kv_idx, kv_cnt, keep), torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype, D, block", [(torch.float32, 128, 128), (torch.bfloat16, 96, 128),
-                                             (torch.bfloat16, 128, 64)])
-def test_sm90_not_supported(dtype, D, block):
-    """float32, other head dims and other block sizes stay on the Triton kernel."""
-    q = torch.empty(1, 1, 128, D, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
-    assert not attention_sm90.supported(q, block)
+MISFITS = [  # (dtype, head dim, block) the Gluon kernel does not take, and the reason given
+    (torch.float32, 128, 128, "dtype float32 (the sm_90 kernel takes bfloat16, float16)"),
+    (torch.bfloat16, 96, 128, "head dim 96 (the sm_90 kernel takes (64, 128))"),
+    (torch.float16, 128, 64, "64-token tiles (the sm_90 kernel takes 128)"),
+]
 
 
-def test_sm90_not_on_cpu():
-    assert not attention_sm90.supported(torch.empty(1, 1, 128, 128, dtype=torch.bfloat16), 128)
+@pytest.fixture
+def fake_sm90(monkeypatch):
+    """Pretend cuda:0 is an sm_90 GPU: the predicates read only its capability."""
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    return torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("dtype, D, block, reason", MISFITS)
+def test_sm90_misfit_names_what_does_not_fit(fake_sm90, dtype, D, block, reason):
+    """float32, other head dims and other block sizes stay on the Triton kernel, with the reason."""
+    assert dispatch.sm90_misfit(block, dtype, fake_sm90, D) == reason
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_misfit_accepts_what_the_kernel_takes(fake_sm90, dtype, D):
+    assert dispatch.sm90_misfit(128, dtype, fake_sm90, D) is None
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)])
+def test_sm90_misfit_needs_exactly_sm90(monkeypatch, capability):
+    monkeypatch.setattr(dispatch, "_capability", lambda index: capability)
+    misfit = dispatch.sm90_misfit(128, torch.bfloat16, torch.device("cuda", 0), 128)
+    assert (misfit is None) == (capability == (9, 0))
+    assert misfit in (None, "not an sm_90 GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_sm90_misfit_off_cuda(device):
+    assert dispatch.sm90_misfit(128, torch.bfloat16, torch.device(device), 128) == "not an sm_90 GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, D, block, reason", MISFITS)
+def test_sm90_misfit_on_this_gpu(dtype, D, block, reason):
+    _require_sm90()
+    assert dispatch.sm90_misfit(block, dtype, torch.device("cuda"), D) == reason
+    assert dispatch.sm90_misfit(128, torch.bfloat16, torch.device("cuda"), 128) is None
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 @pytest.mark.parametrize("g, H, D, visual_bias", [
     (Geometry((2, 16, 32), (8, 16), 77, "end"), 3, 128, False),
@@ -97,7 +139,7 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
     q, k, v = (torch.randn(1, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
     if layout == "blhd":  # SDPA's usual input: a transposed view of [B, L, heads, D]
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    assert attention_sm90.in_place_supported(q, k, v, g)
+    assert reads_in_place(g, 1)
     kv_idx, kv_cnt = random_block_mask(1, H, g.n_tiles, 0.4, "cuda")
     key_keep = torch.ones(1, g.seq_len, dtype=torch.bool, device="cuda")
     if g.text_len > 1:
@@ -107,16 +149,36 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
         out = torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(),
                                                       visual_bias)
     assert out.stride() == q.stride()
-    assert_close(out, expected(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
+    assert_close(out, masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
-def test_sm90_in_place_refuses_batches():
-    """Batch > 1 cannot be one TMA box view: the permuted-copy path takes it."""
-    g = Geometry((2, 16, 32), (8, 16), 0, "end")
-    q = torch.empty(2, 2, g.seq_len, 128, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
-    assert not attention_sm90.in_place_supported(q, q, q, g)
+@pytest.mark.parametrize("tile, batch, in_place", [
+    ((8, 16), 1, True), ((4, 32), 1, True), ((2, 64), 1, True),
+    ((8, 16), 2, False),  # batch > 1 cannot be one TMA box view: the permuted-copy path takes it
+    ((1, 128), 1, False),  # a tile of one row cannot be split in two halves (one per consumer)
+    ((16, 4), 1, False),  # rows of 4 tokens: not whole 16-byte rows
+])
+def test_reads_in_place(tile, batch, in_place):
+    assert reads_in_place(Geometry((2, 16, 128), tile), batch) is in_place
 
 
+def test_tma_ready_copies_what_the_copy_engine_cannot_read():
+    """The in-place launcher reads q, k, v where they lie when TMA can (unit inner stride, 16-byte aligned
+    strides and start), else a contiguous copy: an odd storage offset, an inner stride, odd head dims."""
+    q = torch.randn(1, 2, 300, 128, dtype=torch.bfloat16)
+    blhd = torch.randn(1, 300, 2, 128, dtype=torch.bfloat16).transpose(1, 2)  # SDPA's usual layout
+    assert _tma_ready(q) is q and _tma_ready(blhd) is blhd
+    buf = torch.randn(q.numel() + 1, dtype=torch.bfloat16)
+    odd = buf[1:].view(q.shape)  # storage offset 1: 2 bytes past an aligned address
+    inner = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]  # stride 2 along D
+    rows = torch.randn(1, 2, 300, 132, dtype=torch.bfloat16)[..., :128]  # token stride 132: not 16-byte aligned
+    for t in (odd, inner, rows):
+        copy = _tma_ready(t)
+        assert copy is not t and copy.is_contiguous() and torch.equal(copy, t)
+        assert _tma_ready(copy) is copy
+
+
+@pytest.mark.gpu
 def test_sm90_in_place_under_inductor():
     """torch.compile traces tiled_attention with fake tensors (no data pointers) and still picks the in-place
     op at batch 1; the compiled result equals the eager one. A view at an odd offset takes the copy path."""
@@ -131,5 +193,5 @@ def test_sm90_in_place_under_inductor():
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), want, atol=0, rtol=0)
     buf = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
     q_odd = buf[1:].view(q.shape).copy_(q)  # storage offset 1: not 16-byte aligned
-    assert not attention_sm90.in_place_supported(q_odd, k, v, g)
+    assert _tma_ready(q_odd) is not q_odd  # the launcher reads a copy
     torch.testing.assert_close(fn(q_odd, k, v), want, atol=0, rtol=0)

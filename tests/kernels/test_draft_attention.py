@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from draftopt.kernels import draft_attention
-from draftopt.kernels.select import keep_count
+from draftopt.kernels.sparsity import keep_count
 
 from . import reference as ref
 from .tolerances import assert_close

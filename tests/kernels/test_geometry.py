@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from draftopt.kernels import Geometry
-from draftopt.kernels.geometry import original_to_permuted_index, permuted_source_index, tile_token_counts
+from draftopt.kernels.geometry import (TEXT_POSITIONS, original_to_permuted_index, permuted_source_index,
+                                       tile_token_counts)
 
 from . import reference as ref
 
@@ -64,7 +65,9 @@ def test_sizes():
         (dict(grid=(2, 4, 4), tile=(2, 4)), "power of two"),
         (dict(grid=(2, 4, 4), tile=(32, 16)), "512 tokens"),
         (dict(grid=(2, 4, 4), text_len=-1), "text_len"),
-        (dict(grid=(2, 4, 4), text_position="middle"), "middle"),
+        (dict(grid=(2, 4, 4), text_position="middle"),
+         r"text_position must be one of \('start', 'end'\), got 'middle'"),
+        (dict(grid=(2, 4, 4), text_position="auto"), "got 'auto'"),  # "auto" is the pass's, not a geometry
     ],
 )
 def test_bad_geometry_raises_value_error(kwargs, match):
@@ -76,3 +79,8 @@ def test_wrong_sequence_length_names_the_numbers():
     g = Geometry((2, 4, 4), (4, 4), text_len=3)
     with pytest.raises(ValueError, match="length 40 .* 35"):
         g.check_seq_len(40)
+
+
+def test_text_positions():
+    assert TEXT_POSITIONS == ("start", "end")
+    assert [Geometry((1, 4, 4), (4, 4), 3, p).visual_offset for p in TEXT_POSITIONS] == [3, 0]

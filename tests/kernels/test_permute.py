@@ -3,10 +3,11 @@ import torch
 from torch.library import opcheck
 
 from draftopt.kernels import Geometry, permute_tiles, unpermute_tiles
-from draftopt.kernels._common import poison_outputs
 from draftopt.kernels.geometry import permuted_source_index
-from draftopt.kernels.permute import gather_rows_triton
+from draftopt.kernels.ops.permute import gather_rows_reference
+from draftopt.kernels.triton.gather import gather_rows_triton
 
+from ..helpers import poison_outputs
 from . import reference as ref
 
 GEOMETRIES = [
@@ -57,6 +58,20 @@ def test_gather_kernel(device, D):
         out = gather_rows_triton(x, src, float("-inf"))
     want = torch.where((src >= 0)[:, None], x[:, :, src.clamp(min=0)], float("-inf"))
     assert torch.equal(out, want)
+    assert torch.equal(gather_rows_reference(x, src, float("-inf")), want)
+
+
+def test_gather_kernel_writes_into_a_given_output(device):
+    """``out=``: rows written in place into a strided [B, heads, rows, D] view (the unpermute of the
+    fused Hopper path writes into an output laid out like q)."""
+    g = Geometry((1, 5, 9), (4, 4), 3, "end")
+    x = torch.randn(1, 2, g.padded_len, 32, device=device)
+    idx = permuted_source_index(g, device).clamp(min=0)[: g.seq_len]
+    with poison_outputs():
+        out = torch.empty(1, g.seq_len, 2, 32, device=device).transpose(1, 2)
+        got = gather_rows_triton(x, idx, out=out)
+    assert got is out
+    assert torch.equal(out, gather_rows_reference(x, idx))
 
 
 def test_permute_opcheck(device):

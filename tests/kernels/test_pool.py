@@ -3,9 +3,10 @@ import torch
 from torch.library import opcheck
 
 from draftopt.kernels import Geometry, tile_pool
-from draftopt.kernels._common import poison_outputs
-from draftopt.kernels.pool import tile_pool_triton
+from draftopt.kernels.ops.pool import tile_pool_reference
+from draftopt.kernels.triton.pool import tile_pool_triton
 
+from ..helpers import poison_outputs
 from . import reference as ref
 from .tolerances import DTYPES, assert_close
 
@@ -40,6 +41,7 @@ def test_tile_pool_triton_kernel(device, grid, tile, text_len, pos, D):
     with poison_outputs():
         out = tile_pool_triton(x, g)
     assert_close(out, ref.pool(x.cpu(), grid, tile, text_len, pos), torch.float32)
+    assert_close(tile_pool_reference(x, g), ref.pool(x.cpu(), grid, tile, text_len, pos), torch.float32)
 
 
 def test_tile_pool_opcheck(device):

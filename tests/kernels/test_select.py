@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -5,17 +6,13 @@ import torch
 from torch.library import opcheck
 
 from draftopt.kernels import DraftBlockMask, Geometry, draft_map, select_blocks
-from draftopt.kernels._common import poison_outputs
-from draftopt.kernels.block_mask import indices_to_dense
-from draftopt.kernels import select as sel
-from draftopt.kernels.select import compact_reference, compact_triton, draft_map_triton, percentile_select_triton
+from draftopt.kernels.sparsity import compact_reference, keep_percentile
+from draftopt.kernels.triton.compact import compact_triton
+from draftopt.kernels.triton.draft_map import draft_map_triton
+from draftopt.kernels.triton.radix_select import DEFAULT_CONFIG, RadixSelectConfig, percentile_select_triton
 
+from ..helpers import kept, poison_outputs, random_map
 from . import reference as ref
-
-
-def random_map(B, H, S, device):
-    """A draft map with a wide spread of values (softmax of large random scores): no ties."""
-    return torch.softmax(torch.randn(B, H, S, S, device=device) * 3, dim=-1)
 
 
 @pytest.mark.parametrize("S, D", [(12, 64), (37, 96), (130, 128)])
@@ -33,10 +30,6 @@ def test_draft_map_triton_kernel(device):
     with poison_outputs():
         P = draft_map_triton(qp, kp, 0.3)
     torch.testing.assert_close(P.double().cpu(), ref.draft_map(qp.cpu(), kp.cpu(), 0.3), atol=2e-4, rtol=2e-3)
-
-
-def kept(kv_idx, kv_cnt):
-    return indices_to_dense(kv_idx, kv_cnt).cpu()
 
 
 @pytest.mark.parametrize("S", [7, 40, 99])
@@ -87,22 +80,23 @@ def test_sparsity_zero_keeps_everything(device, policy):
     assert kept(kv_idx, kv_cnt).all()
 
 
+def small_config():
+    """Sizes that, under the interpreter, give every head several programs and a small sample."""
+    return RadixSelectConfig(sample=64, bracket_block=256, radix_block=128, radix_chunk=512, ties_block=128,
+                             ties_rows=16, compact_tile=1024)
+
+
 @pytest.fixture
-def small_radix(monkeypatch, device):
-    """Under the interpreter, sizes that give every head several programs and a small sample
-    (on the GPU the real sizes are tested)."""
-    if device == "cpu":
-        sizes = dict(SAMPLE=64, BRACKET_BLOCK=256, RADIX_BLOCK=128, RADIX_CHUNK=512, TIES_BLOCK=128, TIES_ROWS=16,
-                     COMPACT_TILE=1024)
-        for name, value in sizes.items():
-            monkeypatch.setattr(sel, name, value)
+def radix_config(device):
+    """The radix select's sizes: small ones under the interpreter, the real ones on the GPU."""
+    return small_config() if device == "cpu" else DEFAULT_CONFIG
 
 
-def check_percentile_triton(P, sparsity, cap=None):
+def check_percentile_triton(P, sparsity, config, cap=None):
     """The Triton percentile path against the float64 reference: the same kept set, lists ascending,
     dead slots on the diagonal, every output written."""
     with poison_outputs():
-        kv_idx, kv_cnt = percentile_select_triton(P, sparsity, cap=cap)
+        kv_idx, kv_cnt = percentile_select_triton(P, sparsity, cap=cap, config=config)
     B, H, S, _ = P.shape
     assert kv_idx.shape == (B, H, S, S) and kv_idx.dtype == kv_cnt.dtype == torch.int32
     assert torch.equal(kept(kv_idx, kv_cnt), ref.percentile_keep_exact(P.cpu(), sparsity))
@@ -118,32 +112,32 @@ def quantized(P, levels):
 
 @pytest.mark.parametrize("S, sparsity", [(7, 0.5), (33, 0.9), (33, 0.99), (130, 0.95), (40, 0.0001)])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "all equal"])
-def test_percentile_triton_keeps_exactly_k(device, small_radix, S, sparsity, kind):
+def test_percentile_triton_keeps_exactly_k(device, radix_config, S, sparsity, kind):
     """Exactly keep_count entries per head (+ diagonal); ties broken in row-major order."""
-    P = random_map(2, 3 if S < 100 else 2, S, device)
+    P = random_map(2, 3, S, device) if S < 100 else random_map(1, 2, S, device)  # the interpreter is slow at S 130
     P = {"distinct": P, "ties": quantized(P, 4), "all equal": torch.zeros_like(P)}[kind]
-    check_percentile_triton(P, sparsity)
+    check_percentile_triton(P, sparsity, radix_config)
 
 
 @pytest.mark.parametrize("cap", [1, 40])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-def test_percentile_triton_over_all_of_p(device, small_radix, cap, sparsity):
+def test_percentile_triton_over_all_of_p(device, radix_config, cap, sparsity):
     """Candidate buffers too small for the bracket: the heads select over all of P (or, for a bracket
     holding one distinct key, take it as the threshold and count its ties in P), same result."""
     P = random_map(2, 2, 33, device)
-    check_percentile_triton(P, sparsity, cap=cap)
-    check_percentile_triton(quantized(P, 3), sparsity, cap=cap)
-    check_percentile_triton(torch.zeros_like(P), sparsity, cap=cap)
+    check_percentile_triton(P, sparsity, radix_config, cap=cap)
+    check_percentile_triton(quantized(P, 3), sparsity, radix_config, cap=cap)
+    check_percentile_triton(torch.zeros_like(P), sparsity, radix_config, cap=cap)
 
 
-def test_percentile_triton_keeps_all_at_sparsity_zero(device, small_radix):
+def test_percentile_triton_keeps_all_at_sparsity_zero(device, radix_config):
     P = random_map(1, 2, 17, device)
     with poison_outputs():
-        kv_idx, kv_cnt = percentile_select_triton(P, 0.0)
+        kv_idx, kv_cnt = percentile_select_triton(P, 0.0, config=radix_config)
     assert kept(kv_idx, kv_cnt).all() and torch.all(kv_cnt == 17)
 
 
-def test_percentile_triton_special_values(device, small_radix):
+def test_percentile_triton_special_values(device, radix_config):
     """NaN ranks above everything (as in torch.topk), -0.0 ties +0.0, negatives and infinities order."""
     P = random_map(2, 2, 9, device)
     P[0, 0, 1, 2] = P[0, 0, 5, 5] = P[1, 1, 8, 0] = float("nan")
@@ -154,18 +148,34 @@ def test_percentile_triton_special_values(device, small_radix):
     P[1, 0, 7, :] = -1.0
     P[1, 0, 6, 2] = -float("inf")
     for sparsity in (0.3, 0.5, 0.9, 0.99):
-        check_percentile_triton(P, sparsity)
-        check_percentile_triton(P, sparsity, cap=2)
+        check_percentile_triton(P, sparsity, radix_config)
+        check_percentile_triton(P, sparsity, radix_config, cap=2)
 
 
-def test_percentile_triton_long_rows(device, monkeypatch):
+def test_percentile_triton_long_rows(device):
     """Rows longer than a compaction tile: counted first, then placed."""
-    monkeypatch.setattr(sel, "COMPACT_TILE", 16)
-    if device == "cpu":
-        monkeypatch.setattr(sel, "SAMPLE", 64)
+    config = RadixSelectConfig(sample=64, compact_tile=16) if device == "cpu" else RadixSelectConfig(compact_tile=16)
     P = random_map(1, 2, 37, device)
-    check_percentile_triton(P, 0.5)
-    check_percentile_triton(quantized(P, 4), 0.95)
+    check_percentile_triton(P, 0.5, config)
+    check_percentile_triton(quantized(P, 4), 0.95, config)
+
+
+def test_radix_config_is_frozen_and_passed_not_patched():
+    """The tunables are one frozen value per call (no module globals to monkeypatch)."""
+    config = small_config()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'sample'"):
+        config.sample = 128
+    assert config != DEFAULT_CONFIG and DEFAULT_CONFIG == RadixSelectConfig()
+
+
+def test_small_radix_config_matches_the_default_one(device):
+    """The same selection whatever the block sizes: a small config (many programs per head) and the
+    default one (one program) agree with each other and with the reference."""
+    P = random_map(1, 2, 33, device)
+    small = percentile_select_triton(P, 0.9, config=small_config())
+    default = percentile_select_triton(P, 0.9)
+    assert torch.equal(small[0], default[0]) and torch.equal(small[1], default[1])
+    assert torch.equal(kept(*small), ref.percentile_keep_exact(P.cpu(), 0.9))
 
 
 @pytest.mark.gpu
@@ -175,7 +185,7 @@ def test_percentile_gpu_matches_torch_topk(S):
     P = random_map(1, 4, S, "cuda")
     for sparsity in (0.5, 0.9, 0.97):
         for Q in (P, quantized(P, 2**12)):
-            want = compact_triton(sel._keep_percentile(Q, sparsity), S)
+            want = compact_triton(keep_percentile(Q, sparsity), S)
             got = percentile_select_triton(Q, sparsity)
             assert torch.equal(kept(*got), kept(*want))
             assert torch.equal(got[1], want[1])
