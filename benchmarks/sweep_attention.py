@@ -102,8 +102,8 @@ def main():
                 finish = lambda o: unpermute_tiles(o, g)  # noqa: E731
             err = ((finish(run_sm90()).float() - want).norm() / want.norm()).item()
             runs[(label, in_place)] = (run_sm90, "n/a (other keys)" if idx == "same" else f"{err:.1e}", [])
-        # Rounds over all configs, interleaved: one config's median drifts by up to ~15% with the
-        # GPU's clocks and L2 state over a sweep (the same config measured 33.0 and 40.1 ms in one session).
+        # Rounds over all configs, interleaved: one config's median drifts with the GPU's clocks and
+        # L2 state over a sweep (docs/design.md, "How the numbers are taken").
         for _ in range(ROUNDS):
             for run_sm90, _, times in runs.values():
                 times.append(triton.testing.do_bench(run_sm90, warmup=10, rep=60, return_mode="median"))
