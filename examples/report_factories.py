@@ -1,10 +1,14 @@
 """Model factories for ``python -m draftopt report``: each returns (model, example_args).
 
-    python -m draftopt report examples/report_factories.py:toy_dit
-    python -m draftopt report examples/report_factories.py:tiny_wan --format html --out wan.html
+    python -m draftopt report examples/report_factories.py:toy_dit --format md
+    python -m draftopt report examples/report_factories.py:tiny_wan --min-tokens 0 --format html --out wan.html
+    python -m draftopt report examples/report_factories.py:tiny_hunyuan --min-tokens 0
 
-``toy_dit`` needs nothing beyond torch; ``tiny_wan`` / ``tiny_hunyuan`` need
-diffusers (random weights, tiny configs, small tiles so the demo fits a CPU).
+``toy_dit`` needs nothing beyond torch: 8192 video tokens, enough for the pass's
+default ``min_tokens``. ``tiny_wan`` / ``tiny_hunyuan`` need diffusers (random
+weights, tiny configs so they run on a CPU in seconds); they have 2048 video
+tokens, fewer than the default ``min_tokens`` (8192), so without
+``--min-tokens 0`` every site is reported as skipped.
 """
 
 import torch
@@ -59,3 +63,23 @@ def tiny_wan():
                                   num_layers=2, rope_max_seq_len=64).eval()
     return model, dict(hidden_states=torch.randn(1, 4, 4, 32, 64), timestep=torch.tensor([500]),
                        encoder_hidden_states=torch.randn(1, 16, 32), return_dict=False)
+
+
+def tiny_hunyuan():
+    """HunyuanVideo: text at the end with a key padding mask (a short prompt), dual- and single-stream blocks.
+
+    4 frames x 32 x 64 latent, patch 2 -> 4 x 16 x 32 = 2048 video tokens + 16 text tokens (11 real).
+    """
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        rope_theta=256.0, rope_axes_dim=(8, 12, 12)).eval()
+    text_mask = torch.zeros(1, 16, dtype=torch.long)
+    text_mask[:, :11] = 1  # the prompt's last 5 text tokens are padding
+    return model, dict(hidden_states=torch.randn(1, 4, 4, 32, 64), timestep=torch.tensor([500]),
+                       encoder_hidden_states=torch.randn(1, 16, 16), encoder_attention_mask=text_mask,
+                       pooled_projections=torch.randn(1, 8), guidance=torch.tensor([6000.0]), return_dict=False)
