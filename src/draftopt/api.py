@@ -43,12 +43,14 @@ class DraftOptimizedModule(nn.Module):
                              fullgraph=self._draftopt_compile["fullgraph"])
 
     def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and _wants_grad(self._orig_mod, args, kwargs):
+            raise _backend.InferenceOnlyError(_backend.INFERENCE_ONLY)
         if not self._draftopt_dense_depth:
-            return self._draftopt_sparse(*args, **kwargs)
+            return _unwrapped(self._draftopt_sparse, args, kwargs)
         if self._draftopt_dense is None:
             self.__dict__["_draftopt_dense"] = self._compiled(self.draftopt_config.replace(enabled=False))
         try:
-            return self._draftopt_dense(*args, **kwargs)
+            return _unwrapped(self._draftopt_dense, args, kwargs)
         except BaseException:  # an interrupted pipeline must not leave its warm-up on (then re-raise)
             for warmup in list(self._draftopt_warmups):
                 warmup.close()
@@ -65,7 +67,26 @@ class DraftOptimizedModule(nn.Module):
         return f"sparsity={c.sparsity}, policy={c.policy!r}, latent_shape={c.latent_shape}, tile={c.tile}"
 
 
-def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None, *, fullgraph: bool = False,
+# Errors of draftopt's own that reach the user as they are, not inside Dynamo's BackendCompilerFailed.
+_OWN_ERRORS = (ValueError, _backend.DenseSitesError, _backend.InferenceOnlyError)
+
+
+def _unwrapped(compiled, args, kwargs):
+    try:
+        return compiled(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        inner = getattr(e, "inner_exception", None)
+        if isinstance(inner, _OWN_ERRORS):
+            raise inner from None
+        raise
+
+
+def _wants_grad(model: nn.Module, args, kwargs) -> bool:
+    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in model.parameters())
+
+
+def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None, *, fullgraph: bool | None = None,
              mode: str | None = None, config: DraftConfig | None = None, **options) -> DraftOptimizedModule:
     """Compile ``model`` with its video self-attention replaced by draft attention.
 
@@ -80,23 +101,33 @@ def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None,
 
     Returns:
         A DraftOptimizedModule; it compiles on its first call. Calling optimize on
-        it again reconfigures the original model (rewrites never stack).
+        it again reconfigures the original model (rewrites never stack), keeping the
+        earlier options and changing only those given.
+
+    The model is inference-only: call it under ``torch.no_grad()`` (a call with
+    gradients enabled raises one clear error).
 
     Example:
         >>> model = draftopt.optimize(transformer, latent_shape=(21, 60, 104), sparsity=0.9)
         >>> out = model(**inputs)
         >>> print(draftopt.report(model))
     """
-    if isinstance(model, DraftOptimizedModule):
-        model = model._orig_mod  # reconfigure: start again from the original model
+    earlier = None
+    if isinstance(model, DraftOptimizedModule):  # reconfigure: the original model, the earlier options
+        earlier = model
+        model = model._orig_mod
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise ValueError("optimize() got a model already wrapped by torch.compile; pass the original "
                          "module (model._orig_mod) and let draftopt compile it")
     if not isinstance(model, nn.Module):
         raise ValueError(f"optimize() expects an nn.Module, got {type(model).__name__}")
     given = {"sparsity": sparsity, "latent_shape": latent_shape}
-    cfg = DraftConfig.from_options(config, **options, **{k: v for k, v in given.items() if v is not None})
-    return DraftOptimizedModule(model, cfg, fullgraph, mode)
+    base = config if config is not None or earlier is None else earlier.draftopt_config
+    cfg = DraftConfig.from_options(base, **options, **{k: v for k, v in given.items() if v is not None})
+    if earlier is not None:
+        fullgraph = earlier._draftopt_compile["fullgraph"] if fullgraph is None else fullgraph
+        mode = earlier._draftopt_compile["mode"] if mode is None else mode
+    return DraftOptimizedModule(model, cfg, bool(fullgraph), mode)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections import deque
+import warnings
+from collections import Counter, deque
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,18 @@ GRAPHS: deque[GraphRecord] = deque(maxlen=MAX_GRAPHS)
 _INDEX = itertools.count()
 
 
+class DraftoptWarning(UserWarning):
+    """Video self-attention that draftopt left dense (``optimize(..., strict=True)`` raises instead)."""
+
+
+class DenseSitesError(RuntimeError):
+    """``strict=True``: a compiled graph has video self-attention that draftopt could not rewrite."""
+
+
+class InferenceOnlyError(RuntimeError):
+    """draftopt's ops have no backward: the model was called with gradients enabled."""
+
+
 def reset() -> None:
     """Forget every graph recorded so far (``draftopt.report()`` starts empty again)."""
     GRAPHS.clear()
@@ -38,6 +51,9 @@ def reset() -> None:
 def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None):
     """Rewrite the graph's video self-attention, then compile it with ``config.compiler``."""
     config = DraftConfig.from_options(options)
+    if config.enabled and torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        raise InferenceOnlyError(INFERENCE_ONLY)
     record = GraphRecord(index=next(_INDEX), counts_before=op_counts(gm.graph), code_before=gm.code,
                          config=dataclasses.asdict(config))
     record.count_flops = flop_counter(gm, example_inputs)  # run when a report asks for it
@@ -48,6 +64,7 @@ def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
         records.append(record)
     rewritten = sum(s.status == "rewritten" for s in record.sites)
     log.info("draftopt: graph %d: %d attention sites, %d rewritten", record.index, len(record.sites), rewritten)
+    _tell_dense(record, config.strict)
     # Next to Inductor's own artifacts for TORCH_TRACE / tlparse users.
     trace_structured("artifact", metadata_fn=lambda: {"name": "draftopt_report", "encoding": "json"},
                      payload_fn=lambda: Report([record]).to_json())
@@ -59,6 +76,25 @@ class _TensorSpec(NamedTuple):
     stride: tuple
     dtype: torch.dtype
     device: torch.device
+
+
+INFERENCE_ONLY = ("draftopt is inference-only (its ops have no backward): call the model under torch.no_grad() "
+                  "or torch.inference_mode(), as diffusers pipelines do")
+
+
+def _tell_dense(record: GraphRecord, strict: bool) -> None:
+    """One warning per graph (strict: an error) when video self-attention stayed dense, with the reasons."""
+    dense = [s for s in record.sites if s.status != "rewritten" and s.candidate]
+    if not dense:
+        return
+    candidates = sum(s.candidate or s.status == "rewritten" for s in record.sites)
+    rewritten = candidates - len(dense)
+    reasons = "; ".join(f"{n} x {why}" if n > 1 else why for why, n in Counter(s.reason for s in dense).items())
+    message = (f"draftopt: {rewritten} of {candidates} video self-attention sites rewritten in graph "
+               f"{record.index}, the others stay dense: {reasons}. draftopt.report(model) lists every site.")
+    if strict:
+        raise DenseSitesError(message + " (strict=True)")
+    warnings.warn(message, DraftoptWarning, stacklevel=2)
 
 
 def flop_counter(gm: fx.GraphModule, example_inputs):

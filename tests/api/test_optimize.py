@@ -144,11 +144,10 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 def test_latent_shape_not_divisible_by_patch():
     model = draftopt.optimize(tiny_wan(), latent_shape=(2, 15, 32), sparsity=0.5, **OPTS)
-    with pytest.raises(BackendCompilerFailed,
-                       match=r"latent_shape \(2, 15, 32\) is not divisible by the patch size \(1, 2, 2\)") as e:
+    # draftopt's own errors reach the user as they are, not inside Dynamo's BackendCompilerFailed
+    with pytest.raises(ValueError, match=r"latent_shape \(2, 15, 32\) is not divisible by the patch size \(1, 2, 2\)"):
         with torch.no_grad():
             model(**wan_inputs())
-    assert isinstance(e.value.inner_exception, ValueError)
 
 
 def test_optimize_twice_reconfigures_instead_of_stacking():
@@ -183,13 +182,20 @@ def test_report_before_the_first_call():
     assert "no graph compiled yet" in str(draftopt.report(model))
 
 
-def test_backward_through_rewritten_sites_raises_clearly():
-    wan = tiny_wan()
-    model = draftopt.optimize(wan, sparsity=0.5, **OPTS)
-    # AOTAutograd traces the backward while compiling: the ops' refusing backward fails the compile
-    with pytest.raises(BackendCompilerFailed, match=r"draftopt::\w+ is inference-only \(no backward\)") as e:
-        model(**wan_inputs())[0].sum().backward()
-    assert isinstance(e.value.inner_exception, RuntimeError)
+def test_call_with_grad_enabled_raises_one_clear_error():
+    """Grad enabled (parameters require grad): one line at the first call, not a BackendCompilerFailed."""
+    model = draftopt.optimize(tiny_wan(), sparsity=0.5, **OPTS)
+    with pytest.raises(draftopt.backend.InferenceOnlyError, match=r"draftopt is inference-only .* torch.no_grad\(\)"):
+        model(**wan_inputs())
+    with torch.no_grad():
+        model(**wan_inputs())  # and under no_grad it runs
+
+
+def test_backend_by_name_with_grad_enabled_names_the_fix():
+    compiled = torch.compile(tiny_wan(), backend="draftopt", options=dict(OPTS, latent_shape=(2, 16, 32)))
+    with pytest.raises(BackendCompilerFailed, match=r"draftopt is inference-only") as e:
+        compiled(**wan_inputs())
+    assert isinstance(e.value.inner_exception, draftopt.backend.InferenceOnlyError)
 
 
 @pytest.mark.parametrize("position", TEXT_POSITION_CHOICES)

@@ -195,12 +195,6 @@ BAD = {
 }
 # Cases draftopt does not refuse, or refuses without naming the value, at the commit this file was added
 # in (strict: when the fix lands these xpass and the mark must go).
-NOT_REFUSED_TODAY = {
-    "sparsity a bool": "sparsity=False is accepted as 0 (bool is an int)",
-    "grid of wrong length": "a grid of 2 or 4 entries fails tuple unpacking: 'not enough values to unpack "
-                            "(expected 3, got 2)' names no grid",
-    "grid not a sequence": "grid=32 raises TypeError 'cannot unpack non-iterable int object', naming no grid",
-}
 
 
 def spellings(x) -> list[str]:
@@ -217,9 +211,7 @@ def names(message: str, x) -> bool:
     return any(re.search(rf"(?<![\w.]){re.escape(s)}(?![\w])", message) for s in spellings(x))
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"{c}: {NOT_REFUSED_TODAY[c]}"))
-    if c in NOT_REFUSED_TODAY else c for c in BAD])
+@pytest.mark.parametrize("case", list(BAD))
 def test_bad_argument_is_refused_naming_it(case):
     arg, values = BAD[case]
     q = torch.randn(1, 2, 2 * 4 * 4 + 3, 16, dtype=torch.float64)

@@ -114,7 +114,9 @@ def quantized(P, levels):
 @pytest.mark.parametrize("kind", ["distinct", "ties", "all equal"])
 def test_percentile_triton_keeps_exactly_k(device, radix_config, S, sparsity, kind):
     """Exactly keep_count entries per head (+ diagonal); ties broken in row-major order."""
-    P = random_map(2, 3, S, device) if S < 100 else random_map(1, 2, S, device)  # the interpreter is slow at S 130
+    if S > 100 and device == "cpu" and kind != "ties":  # the interpreter takes ~15 s a case at S 130
+        pytest.skip("S=130 runs every kind on the GPU; under the interpreter only 'ties' (the hardest)")
+    P = random_map(2, 3, S, device) if S < 100 else random_map(1, 2, S, device)
     P = {"distinct": P, "ties": quantized(P, 4), "all equal": torch.zeros_like(P)}[kind]
     check_percentile_triton(P, sparsity, radix_config)
 

@@ -11,11 +11,23 @@ MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
 
-def check_dtype(name: str, t: torch.Tensor, allowed=SUPPORTED_DTYPES) -> None:
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    """Refuse what attention cannot take: non-float dtypes on every device, float64 on the GPU kernels.
+
+    (The PyTorch path also computes float64, which the tests use as their oracle.)
+    """
+    allowed = SUPPORTED_DTYPES if t.is_cuda else (*SUPPORTED_DTYPES, torch.float64)
     if t.dtype not in allowed:
         raise ValueError(
-            f"{name} has dtype {t.dtype}; draftopt kernels take {', '.join(map(str, allowed))}"
+            f"{name} has dtype {t.dtype}; draftopt takes {', '.join(map(str, allowed))} on {t.device.type}"
         )
+
+
+def check_mask_dtype(mask: torch.Tensor | None) -> None:
+    """An SDPA mask is boolean (True = attend) or additive floating point; integers are refused."""
+    if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise ValueError(f"attn_mask has dtype {mask.dtype}; pass a bool mask (True = attend) or an additive "
+                         "float mask (0 = attend, -inf = hide), as scaled_dot_product_attention takes")
 
 
 def make_inference_only(op, name: str) -> None:

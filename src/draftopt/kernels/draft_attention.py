@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import MAX_HEAD_DIM, check_dtype, refuse_grad
+from ._utils import MAX_HEAD_DIM, check_dtype, check_mask_dtype, refuse_grad
 from .block_mask import DraftBlockMask
 from .dispatch import plan
 from .geometry import Geometry
@@ -49,7 +49,7 @@ def draft_attention(
         q, k, v: [B, heads, L, D], L = T*H*W visual tokens + text tokens.
         grid: (T, H, W) visual tokens.
         tile: tokens per tile (th, tw); th*tw is one kernel block.
-        text_len: text tokens in L (default: L - T*H*W).
+        text_len: text tokens in L (default 0: the grid must explain the whole sequence).
         text_position: "start" or "end".
         sparsity: fraction of visual tile pairs to skip, in [0, 1).
         policy: "percentile", "topk" or "cdf" (see ``sparsity.py``).
@@ -69,19 +69,22 @@ def draft_attention(
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, L, D = q.shape
-    if q.is_cuda:
-        check_dtype("q", q)
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {D} is larger than {MAX_HEAD_DIM}, the most the kernel supports")
+    check_dtype("q", q)
+    check_mask_dtype(attn_mask)
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not in 1..{MAX_HEAD_DIM} (the most the kernels support)")
     refuse_grad("draft_attention", q, k, v)
-    T, Hg, Wg = grid
+    sparsity, cdf_threshold = check_selection_args(sparsity, policy, cdf_threshold)
+    n_visual = Geometry(grid).n_visual  # raises ValueError for a grid that is not three positive ints
     if text_len is None:
-        text_len = L - T * Hg * Wg
-        if text_len < 0:
-            raise ValueError(f"sequence length {L} is shorter than the grid {T}x{Hg}x{Wg} = {T * Hg * Wg}")
-    geom = Geometry(tuple(grid), tuple(tile), text_len, text_position)
+        if L != n_visual:
+            raise ValueError(f"the grid {'x'.join(map(str, grid))} has {n_visual} tokens, the sequence {L}; if the "
+                             f"other {L - n_visual} are text, pass text_len={L - n_visual} (and text_position), "
+                             "else pass this attention's grid" if L > n_visual else
+                             f"the grid {'x'.join(map(str, grid))} has {n_visual} tokens, more than the sequence's {L}")
+        text_len = 0
+    geom = Geometry(grid, tile, text_len, text_position)
     geom.check_seq_len(L)
-    check_selection_args(sparsity, policy, cdf_threshold)
     scale = D ** -0.5 if scale is None else float(scale)
 
     P = None
@@ -103,3 +106,4 @@ def draft_attention(
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out
+

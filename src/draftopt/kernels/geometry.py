@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,18 @@ TEXT_POSITIONS = ("start", "end")
 # tl.dot needs every block dimension >= 16; above 256 tokens per tile the
 # kernel's [BLOCK, BLOCK] score tile no longer fits in registers.
 MIN_BLOCK, MAX_BLOCK = 16, 256
+
+
+def _as_tuple(x) -> tuple | None:
+    try:
+        return tuple(x)
+    except TypeError:  # an int, None, ...: the caller names the value
+        return None
+
+
+def _is_int(x) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_pow2(n: int) -> bool:
@@ -57,12 +70,12 @@ class Geometry:
     text_position: str = "end"
 
     def __post_init__(self):
-        grid, tile = tuple(self.grid), tuple(self.tile)
-        if len(grid) != 3 or not all(isinstance(d, int) and d > 0 for d in grid):
+        grid, tile = _as_tuple(self.grid), _as_tuple(self.tile)
+        if grid is None or len(grid) != 3 or not all(_is_int(d) and d > 0 for d in grid):
             raise ValueError(
                 f"grid must be three positive ints (T, H, W) of visual tokens, got {self.grid!r}"
             )
-        if len(tile) != 2 or not all(isinstance(d, int) and d > 0 for d in tile):
+        if tile is None or len(tile) != 2 or not all(_is_int(d) and d > 0 for d in tile):
             raise ValueError(f"tile must be two positive ints (th, tw), got {self.tile!r}")
         block = tile[0] * tile[1]
         if not (_is_pow2(block) and MIN_BLOCK <= block <= MAX_BLOCK):
@@ -70,14 +83,15 @@ class Geometry:
                 f"tile {tile} has {block} tokens; th * tw must be a power of two between "
                 f"{MIN_BLOCK} and {MAX_BLOCK} (one kernel block), e.g. (8, 16) or (4, 16)"
             )
-        if not isinstance(self.text_len, int) or self.text_len < 0:
+        if not _is_int(self.text_len) or self.text_len < 0:
             raise ValueError(f"text_len must be an int >= 0, got {self.text_len!r}")
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(
                 f"text_position must be one of {TEXT_POSITIONS}, got {self.text_position!r}"
             )
-        object.__setattr__(self, "grid", grid)
-        object.__setattr__(self, "tile", tile)
+        object.__setattr__(self, "grid", tuple(int(d) for d in grid))
+        object.__setattr__(self, "tile", tuple(int(d) for d in tile))
+        object.__setattr__(self, "text_len", int(self.text_len))
 
     # -- sizes ---------------------------------------------------------------
     @property

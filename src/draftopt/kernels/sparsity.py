@@ -18,19 +18,40 @@ of ``draftopt::select_blocks`` and the oracle the GPU paths are tested against.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 POLICIES = ("percentile", "topk", "cdf")
 
 
-def check_selection_args(sparsity: float, policy: str, cdf_threshold: float) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+def as_number(x):
+    """A float for a Python number, a numpy scalar or a one-element float tensor; ``x`` itself otherwise
+    (the check that follows names it). 32-bit and narrower values are read to 7 significant digits, so
+    np.float32(0.9) is 0.9 (keep counts round up: 0.8999999761 would keep one block more)."""
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype.is_floating_point:
+        narrow = x.dtype != torch.float64
+        x = x.item()
+    elif isinstance(x, numbers.Real):
+        narrow = getattr(getattr(x, "dtype", None), "itemsize", 8) < 8
+        x = float(x)
+    else:
+        return x
+    return float(f"{x:.7g}") if narrow else x
+
+
+def check_selection_args(sparsity: float, policy: str, cdf_threshold: float) -> tuple[float, float]:
+    """ValueError naming a bad argument; else (sparsity, cdf_threshold) as floats."""
+    sparsity, cdf_threshold = as_number(sparsity), as_number(cdf_threshold)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-    if not isinstance(cdf_threshold, (int, float)) or not 0.0 < cdf_threshold <= 1.0:
+    if isinstance(cdf_threshold, bool) or not isinstance(cdf_threshold, (int, float)) or not 0.0 < cdf_threshold <= 1.0:
         raise ValueError(f"cdf_threshold must be a number in (0, 1], got {cdf_threshold!r}")
+    return float(sparsity), float(cdf_threshold)
 
 
 def keep_count(sparsity: float, n: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 from ..kernels.geometry import TEXT_POSITIONS, Geometry
@@ -15,6 +16,19 @@ MIN_TOKENS = 8192
 COMPILERS = ("inductor", "aot_eager", "eager")
 # "auto": follow q back to the concatenation of text and video tokens.
 TEXT_POSITION_CHOICES = ("auto", *TEXT_POSITIONS)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _int_tuple(x) -> tuple | None:
+    """A tuple of ints from a sequence of Python / numpy ints; None for anything else."""
+    try:
+        items = tuple(x)
+    except TypeError:
+        return None
+    return tuple(int(d) for d in items) if items and all(_is_int(d) for d in items) else None
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,8 @@ class DraftConfig:
             faster, as ``draftopt.kernels.plan`` decides: always on Hopper (the Gluon kernel),
             elsewhere on grids the tiles cover exactly. False always keeps separate
             permute / attention / unpermute ops.
+        strict: raise instead of warning when a video self-attention site stays dense
+            (a geometry that explains no site, too few tokens, dynamic shapes, ...).
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -66,31 +82,36 @@ class DraftConfig:
     enabled: bool = True
     capture_masks: bool = False
     fuse_permute: bool = True
+    strict: bool = False
 
     def __post_init__(self):
-        check_selection_args(self.sparsity, self.policy, self.cdf_threshold)
+        # numpy scalars and one-element tensors count as numbers
+        sparsity, cdf_threshold = check_selection_args(self.sparsity, self.policy, self.cdf_threshold)
+        object.__setattr__(self, "sparsity", sparsity)
+        object.__setattr__(self, "cdf_threshold", cdf_threshold)
         if self.latent_shape is not None:
-            shape = tuple(self.latent_shape)
-            if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+            shape = _int_tuple(self.latent_shape)
+            if shape is None or len(shape) != 3 or min(shape) <= 0:
                 raise ValueError(f"latent_shape must be three positive ints (T, H, W), got {self.latent_shape!r}")
             object.__setattr__(self, "latent_shape", shape)
         if self.patch_size is not None:
             p = self.patch_size
-            ok = isinstance(p, int) and p > 0 or (
-                isinstance(p, (tuple, list)) and len(p) in (2, 3) and all(isinstance(d, int) and d > 0 for d in p))
-            if not ok:
+            shape = _int_tuple((p,) if _is_int(p) else p)
+            if shape is None or len(shape) not in (1, 2, 3) or min(shape) <= 0:
                 raise ValueError(f"patch_size must be an int or (pt, ph, pw) of positive ints, got {p!r}")
-            if not isinstance(p, int):
-                object.__setattr__(self, "patch_size", tuple(p))
+            object.__setattr__(self, "patch_size", shape[0] if len(shape) == 1 else shape)
+        for name in ("enabled", "capture_masks", "fuse_permute", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "tile", tuple(self.tile))
         Geometry((1, 1, 1), self.tile)  # raises ValueError for a tile that is not one kernel block
-        if self.text_len is not None and (not isinstance(self.text_len, int) or self.text_len < 0):
+        if self.text_len is not None and (not _is_int(self.text_len) or self.text_len < 0):
             raise ValueError(f"text_len must be None or an int >= 0, got {self.text_len!r}")
         if self.text_position not in TEXT_POSITION_CHOICES:
             raise ValueError(f"text_position must be one of {TEXT_POSITION_CHOICES}, got {self.text_position!r}")
         for name in ("min_tokens", "dense_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")

@@ -60,6 +60,9 @@ class SiteRecord:
     fused: bool = False  # permute, attention and unpermute in one op
     in_place: bool = False  # that op's kernel reads tiles in place (no permuted copies)
     kernel_reason: str = ""
+    # A video self-attention site draftopt should rewrite (False: cross-attention, text-only, or dense on
+    # request): a candidate left dense is what the backend warns about.
+    candidate: bool = True
     node: str = ""
 
     def as_dict(self) -> dict:
@@ -83,9 +86,10 @@ class SitePlan:
 
 
 class _Skip(Exception):
-    def __init__(self, reason: str, facts: dict):
+    def __init__(self, reason: str, facts: dict, candidate: bool = True):
         super().__init__(reason)
         self.facts = facts
+        self.candidate = candidate
 
 
 @dataclass
@@ -112,12 +116,13 @@ class DraftAttentionPass:
             try:
                 site_plan = self._plan(site, sources, parallel)
                 if not cfg.enabled:
-                    raise _Skip("dense mode (draftopt.dense): compiled unchanged", site_plan.facts)
+                    raise _Skip("dense mode (draftopt.dense): compiled unchanged", site_plan.facts, False)
                 if dense_left > 0:
                     dense_left -= 1
-                    raise _Skip(f"kept dense (dense_layers={cfg.dense_layers})", site_plan.facts)
+                    raise _Skip(f"kept dense (dense_layers={cfg.dense_layers})", site_plan.facts, False)
             except _Skip as why:
-                records.append(SiteRecord(site.name, site.kind, reason=str(why), node=site.node.name, **why.facts))
+                records.append(SiteRecord(site.name, site.kind, reason=str(why), node=site.node.name,
+                                          candidate=why.candidate, **why.facts))
                 self.counters["skipped"] += 1
                 log.info("draftopt: skipped %s: %s", site.name, why)
                 continue
@@ -158,13 +163,15 @@ class DraftAttentionPass:
         if site.enable_gqa or k.shape[1] != q.shape[1]:
             raise skip(f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)")
         if k.shape[2] != q.shape[2] or k.shape != v.shape:
-            raise skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys")
+            raise _Skip(f"cross-attention: {q.shape[2]} queries attend to {k.shape[2]} keys", facts, False)
         if parallel:
             kind, why = context_parallel_kind(site.q, site.k, site.v)
             if kind is None:
                 raise skip(why)
             facts["parallel"] = kind
         B, H, L, D = q.shape
+        grid, facts["grid_source"] = _grid_for(L, B, sources, facts)  # first: text-only sites are no candidates
+        facts["grid"] = grid
         if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
             raise skip(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
         if D > MAX_HEAD_DIM:
@@ -180,8 +187,6 @@ class DraftAttentionPass:
                 check_key_padding_mask(tuple(m.shape), B, H, L)
             except ValueError as e:
                 raise skip(str(e)) from None
-        grid, facts["grid_source"] = _grid_for(L, B, sources, facts)
-        facts["grid"] = grid
         N = n_tokens(grid)
         text_len = L - N if cfg.text_len is None else cfg.text_len
         if N + text_len != L:
@@ -216,7 +221,8 @@ def _grid_for(L: int, B: int, sources, facts: dict):
         tried.append(f"{'x'.join(map(str, grid))} = {n_tokens(grid)} ({src.source})")
         if n_tokens(grid) <= L:
             return grid, src.source
-    raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts)
+    # Shorter than the video: text-only attention (a prompt refiner), not a candidate.
+    raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts, bool(not tried))
 
 
 def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: DraftConfig) -> None:

@@ -66,7 +66,12 @@ def _conv_stride(n: fx.Node) -> tuple[int, int, int]:
 
 
 def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[GridSource]:
-    """Candidate grids for the sites of this graph, most trusted first."""
+    """Candidate grids for the sites of this graph, most trusted first.
+
+    A given ``latent_shape`` is checked against the latent the graph's patch
+    embedding is called with: a mismatch (another resolution, a wrong shape)
+    is a ValueError naming both, never a wrong grid.
+    """
     convs = list(_conv_nodes(graph))
     if latent_shape is not None:
         if patch_size is not None:
@@ -80,8 +85,12 @@ def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[Gr
                 f"latent_shape {tuple(latent_shape)} is not divisible by the patch size {patch} ({how}); "
                 "pass the latent tensor's (T, H, W) and, if needed, patch_size=(pt, ph, pw)"
             )
+        if convs:
+            _check_latent(convs[0][0], tuple(latent_shape))
         grid = tuple(d // p for d, p in zip(latent_shape, patch))
-        return [GridSource(grid, f"latent_shape {tuple(latent_shape)} / patch {patch} ({how})")]
+        checked = f"checked against {convs[0][0].name}'s input" if convs else (
+            "unverified: no patch embedding in this graph to check it against")
+        return [GridSource(grid, f"latent_shape {tuple(latent_shape)} / patch {patch} ({how}); {checked}")]
     sources = []
     for n, out in convs:
         if any(not isinstance(d, int) for d in out.shape):
@@ -92,6 +101,21 @@ def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[Gr
             sources.append(GridSource((None, *out.shape[2:]), f"output of per-frame patch embedding {n.name} "
                                       f"{tuple(out.shape)}", frames_from_batch=out.shape[0]))
     return sources
+
+
+def _check_latent(conv: fx.Node, latent_shape: tuple) -> None:
+    """ValueError unless the patch embedding's input has the given latent (T, H, W) (H, W per frame)."""
+    x = example_value(conv.args[0]) if conv.args else None
+    if x is None or not is_static(x.shape):
+        return
+    seen = tuple(x.shape[2:]) if x.dim() == 5 else (None, *x.shape[2:])
+    if any(s is not None and s != d for s, d in zip(seen, latent_shape)):
+        shown = "x".join("?" if s is None else str(s) for s in seen)
+        raise ValueError(
+            f"latent_shape {latent_shape} does not match the latent this graph is called with: the patch "
+            f"embedding {conv.name} gets {tuple(x.shape)} (T, H, W = {shown}). Pass latent_shape=None to read "
+            "the grid of every call off the graph, or the latent_shape of this call"
+        )
 
 
 def text_position_from_graph(q: fx.Node, n_visual: int, text_len: int, max_nodes: int = 64) -> str | None:

@@ -47,7 +47,8 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
     allowed = blocks.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + key_bias.to(acc)[..., None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> zeros, as the kernel
+    # A row whose keys are all masked gives zeros, as the kernels do; NaN and Inf propagate as in SDPA.
+    p = torch.softmax(scores, dim=-1).masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
     return (p @ v.to(acc)).to(q.dtype)
 
 
@@ -116,8 +117,8 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
     if tuple(kv_idx.shape[:3]) != (B, H, geom.n_tiles) or tuple(kv_cnt.shape) != (B, H, geom.n_tiles):
         raise ValueError(f"kv_idx {tuple(kv_idx.shape)} / kv_cnt {tuple(kv_cnt.shape)} do not match "
                          f"[B={B}, heads={H}, S={geom.n_tiles}, K] / [B, heads, S]")
-    if q.is_cuda:
-        check_dtype("q", q)
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        check_dtype(label, t)
     refuse_grad(name, q, k, v)
     if visual_bias is None:
         visual_bias = needs_visual_bias(key_bias is not None, geom)

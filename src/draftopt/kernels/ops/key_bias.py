@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from .._utils import make_inference_only
+from .._utils import check_mask_dtype, make_inference_only
 from ..geometry import Geometry, permuted_source_index
 
 
@@ -42,6 +42,7 @@ def key_padding_bias(attn_mask: torch.Tensor | None, B: int, heads: int, L: int,
     """
     if attn_mask is None:
         return torch.zeros(1, 1, L, device=device, dtype=torch.float32)
+    check_mask_dtype(attn_mask)
     check_key_padding_mask(tuple(attn_mask.shape), B, heads, L)
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     m = m[:, :, 0, :]

@@ -55,7 +55,6 @@ def tile_pool(x: torch.Tensor, geom: Geometry) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"tile_pool expects [B, heads, L, D], got shape {tuple(x.shape)}")
     geom.check_seq_len(x.shape[2], "tile_pool input")
-    if stage_backend(x) is Backend.TRITON:
-        check_dtype("tile_pool input", x)
+    check_dtype("tile_pool input", x)
     refuse_grad("tile_pool", x)
     return torch.ops.draftopt.tile_pool(x, *geom.op_args())

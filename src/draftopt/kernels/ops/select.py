@@ -64,7 +64,7 @@ def select_blocks(
     P: torch.Tensor, sparsity: float = 0.9, policy: str = "percentile", cdf_threshold: float = 0.9
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose key tiles per query tile from the draft map ``P``: (kv_idx int32, kv_cnt int32)."""
-    check_selection_args(sparsity, policy, cdf_threshold)
+    sparsity, cdf_threshold = check_selection_args(sparsity, policy, cdf_threshold)
     if P.dim() != 4 or P.shape[-1] != P.shape[-2]:
         raise ValueError(f"select_blocks expects a draft map [B, heads, S, S], got {tuple(P.shape)}")
     return torch.ops.draftopt.select_blocks(P, float(sparsity), policy, float(cdf_threshold))
