@@ -7,7 +7,7 @@ on the CPU (the PyTorch path of the ops; no GPU needed), then the report is
 printed or written.
 
     python -m draftopt report examples/report_factories.py:toy_dit --format md
-    python -m draftopt report examples/report_factories.py:tiny_wan --sparsity 0.8 --format html --out wan.html
+    python -m draftopt report examples/report_factories.py:tiny_wan --min-tokens 0 --sparsity 0.8 --format html --out wan.html
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ def main(argv=None) -> int:
     rep.add_argument("--diff", action="store_true", help="append the graph code diff")
     rep.add_argument("--out", help="write to this file instead of printing")
     args = parser.parse_args(argv)
+    from .backend import DenseSitesError
+
     try:
         return _report(args)
-    except ValueError as e:  # bad arguments: say what to change, no traceback
+    except (ValueError, DenseSitesError) as e:  # bad arguments: say what to change, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

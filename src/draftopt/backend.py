@@ -19,7 +19,9 @@ import torch
 import torch.fx as fx
 from torch._logging import trace_structured
 
-from .passes import DraftAttentionPass, DraftConfig
+from .passes import DraftAttentionPass, DraftConfig, find_attention_sites
+from .passes.infer_geometry import is_static
+from .passes.sites import example_value
 from .report import GraphRecord, Report, op_counts
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,22 @@ def reset() -> None:
 
 
 def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None):
-    """Rewrite the graph's video self-attention, then compile it with ``config.compiler``."""
+    """Rewrite the graph's video self-attention, then compile it with ``config.compiler``.
+
+    A graph that Dynamo traced with dynamic shapes (``torch.compile``'s default
+    makes a second resolution dynamic) has no concrete geometry; such a graph
+    is compiled once per input shape instead, each copy with its own geometry.
+    """
     config = DraftConfig.from_options(options)
     if config.enabled and torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         raise InferenceOnlyError(INFERENCE_ONLY)
+    if config.enabled and _symbolic_sites(gm):
+        return _PerShape(gm, config, mode, records)
+    return _compile_static(gm, example_inputs, config, mode, records)
+
+
+def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mode, records):
     record = GraphRecord(index=next(_INDEX), counts_before=op_counts(gm.graph), code_before=gm.code,
                          config=dataclasses.asdict(config))
     record.count_flops = flop_counter(gm, example_inputs)  # run when a report asks for it
@@ -71,11 +84,45 @@ def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
     return compile_graph(gm, example_inputs, config.compiler, mode)
 
 
-class _TensorSpec(NamedTuple):
-    shape: tuple
-    stride: tuple
-    dtype: torch.dtype
-    device: torch.device
+def _symbolic_sites(gm: fx.GraphModule) -> bool:
+    """Whether an attention site's q has a symbolic shape (Dynamo traced the graph dynamic)."""
+    values = (example_value(site.q) for site in find_attention_sites(gm.graph))
+    return any(v is not None and not is_static(v.shape) for v in values)
+
+
+class _PerShape:
+    """A dynamic graph compiled per concrete input shape: each resolution gets a static copy of the graph
+    (metadata re-propagated on fake tensors of that shape), rewritten with its own geometry."""
+
+    def __init__(self, gm, config, mode, records):
+        self.gm, self.config, self.mode, self.records = gm, config, mode, records
+        self.compiled = {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                    for a in args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            static = _specialized(self.gm, args)
+            fn = self.compiled[key] = _compile_static(static, list(args), self.config, self.mode, self.records)
+        return fn(*args)
+
+
+def _specialized(gm: fx.GraphModule, args) -> fx.GraphModule:
+    """A copy of ``gm`` whose node metadata are the shapes of a run on ``args`` (fake tensors, no compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    FakeTensorProp(copy, mode).propagate_dont_convert_inputs(*fakes)
+    for n in copy.graph.nodes:
+        if "val" in n.meta:
+            n.meta["example_value"] = n.meta["val"]
+    return copy
 
 
 INFERENCE_ONLY = ("draftopt is inference-only (its ops have no backward): call the model under torch.no_grad() "
@@ -95,6 +142,13 @@ def _tell_dense(record: GraphRecord, strict: bool) -> None:
     if strict:
         raise DenseSitesError(message + " (strict=True)")
     warnings.warn(message, DraftoptWarning, stacklevel=2)
+
+
+class _TensorSpec(NamedTuple):
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    device: torch.device
 
 
 def flop_counter(gm: fx.GraphModule, example_inputs):

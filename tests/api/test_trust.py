@@ -106,3 +106,20 @@ def test_report_says_whether_a_given_latent_shape_was_checked():
     bare(TinyAttention.inputs())
     (site,) = draftopt.report(bare).rewritten
     assert "unverified: no patch embedding in this graph" in site.grid_source
+
+
+@torch.no_grad()
+def test_backend_by_name_with_default_dynamic_shapes_rewrites_every_resolution():
+    """torch.compile's default makes the second resolution dynamic: that graph is compiled per shape, each
+    with its own geometry (it used to skip every site), and matches the original model at sparsity 0."""
+    draftopt.reset()
+    wan = tiny_wan()
+    compiled = torch.compile(wan, backend="draftopt", options=dict(CPU_OPTIONS, sparsity=0.0))
+    for latent in [(1, 16, 16), (1, 8, 16), (1, 8, 8)]:
+        inputs = wan_inputs(latent=latent)
+        torch.testing.assert_close(compiled(**inputs)[0], wan(**inputs)[0], atol=2e-5, rtol=2e-5)
+    rep = draftopt.report()
+    grids = [s.grid for s in rep.rewritten]
+    assert {(1, 8, 8), (1, 4, 8), (1, 4, 4)} <= set(grids), grids
+    assert not [s for s in rep.skipped if s.candidate]
+    assert "rewritten" in str(rep)
