@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import draftopt
+from draftopt.__main__ import main as cli_main
 from draftopt.passes import SiteRecord
 from draftopt.report import GraphRecord, Report, site_flops
 
@@ -203,21 +204,26 @@ def test_no_capture_node_unless_asked(wan_report):
     assert "record_mask" not in wan_report.graphs[0].code_after
 
 
-def test_cli_on_the_examples_factory(tmp_path):
+def test_cli_on_the_examples_factory(tmp_path, capsys, monkeypatch):
+    """In process (the entry point itself is run as a process by test_cli_help_and_errors)."""
+    monkeypatch.chdir(REPO)
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "draftopt", "report", "examples/report_factories.py:toy_dit",
-                          "--format", "json", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert cli_main(["report", "examples/report_factories.py:toy_dit", "--format", "json", "--out", str(out)]) == 0
     rep = Report.from_json(out.read_text())
     assert [s.status for s in rep.sites] == ["rewritten", "rewritten"]
     assert rep.sites[0].grid == (8, 32, 32) and rep.sites[0].text_position == "start"
-    assert "wrote" in res.stdout
+    assert "wrote" in capsys.readouterr().out
 
 
-def test_cli_help_and_errors():
+def test_cli_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "draftopt", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "report" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "draftopt", "report", "examples/report_factories.py:toy_dit",
-                          "--sparsity", "1.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "sparsity must be a number in [0, 1), got 1.5" in res.stderr
+
+
+def test_cli_bad_arguments_print_one_line(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for args, message in [(["--sparsity", "1.5"], "sparsity must be a number in [0, 1), got 1.5"),
+                          (["--latent-shape", "8", "63", "64"], "latent_shape (8, 63, 64) is not divisible")]:
+        assert cli_main(["report", "examples/report_factories.py:toy_dit", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
