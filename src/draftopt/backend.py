@@ -108,14 +108,19 @@ class _PerShape:
         return fn(*args)
 
 
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph (nodes and their metadata dicts) sharing the module's attributes."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
 def _specialized(gm: fx.GraphModule, args) -> fx.GraphModule:
     """A copy of ``gm`` whose node metadata are the shapes of a run on ``args`` (fake tensors, no compute)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    copy = fx.GraphModule(gm, graph)
+    copy = _copy(gm)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     FakeTensorProp(copy, mode).propagate_dont_convert_inputs(*fakes)
@@ -159,9 +164,7 @@ def flop_counter(gm: fx.GraphModule, example_inputs):
     report asks. It returns the FLOPs of every op except SDPA (whose CPU kernels
     the counter misses; the report adds its own estimate for those sites).
     """
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    copy = fx.GraphModule(gm, graph)
+    copy = _copy(gm)
     specs = [_TensorSpec(tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
              for x in example_inputs]
 

@@ -77,11 +77,13 @@ def draft_attention(
     sparsity, cdf_threshold = check_selection_args(sparsity, policy, cdf_threshold)
     n_visual = Geometry(grid).n_visual  # raises ValueError for a grid that is not three positive ints
     if text_len is None:
-        if L != n_visual:
-            raise ValueError(f"the grid {'x'.join(map(str, grid))} has {n_visual} tokens, the sequence {L}; if the "
-                             f"other {L - n_visual} are text, pass text_len={L - n_visual} (and text_position), "
-                             "else pass this attention's grid" if L > n_visual else
-                             f"the grid {'x'.join(map(str, grid))} has {n_visual} tokens, more than the sequence's {L}")
+        shown = "x".join(map(str, grid))
+        if L < n_visual:
+            raise ValueError(f"the grid {shown} has {n_visual} tokens, more than the sequence's {L}")
+        if L > n_visual:
+            raise ValueError(f"the grid {shown} has {n_visual} tokens, the sequence {L}; if the other "
+                             f"{L - n_visual} are text, pass text_len={L - n_visual} (and text_position), "
+                             "else pass this attention's grid")
         text_len = 0
     geom = Geometry(grid, tile, text_len, text_position)
     geom.check_seq_len(L)
