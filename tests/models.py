@@ -1,5 +1,8 @@
 """Small models for the graph-layer tests: diffusers' Wan and HunyuanVideo with
-tiny configs (random weights, CPU-fast), a hand-written toy DiT and one bare SDPA layer."""
+tiny configs (random weights, CPU-fast), hand-written toy DiTs (a Conv3d or a Linear
+patch embedding) and one bare SDPA layer."""
+
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +86,53 @@ class ToyDiT(nn.Module):
 def toy_inputs(batch=2, latent=(2, 8, 16), text_len=7):
     """(latent, text) for ToyDiT."""
     return torch.randn(batch, 4, *latent), torch.randn(batch, text_len, 12)
+
+
+class SdpaBlock(nn.Module):
+    """Pre-norm SDPA self-attention, residual."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, h):
+        B, L, C = h.shape
+        q, k, v = self.qkv(self.norm(h)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return h + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+
+
+class PackedPatchDiT(nn.Module):
+    """A video DiT whose patch embedding is an nn.Linear over packed patches (no convolution in the graph),
+    with a diffusers-style ``config`` giving the patch size; text tokens at the start.
+
+    ``flat=False``: the Linear gets [B, T', H', W', pt*ph*pw*C] (Cosmos, Kandinsky 5), ``config`` a mapping
+    with ``patch_size=(pt, ph, pw)``. ``flat=True``: tokens are flattened before the Linear (CogVideoX 1.5),
+    ``config`` an object with ``patch_size=ph`` and ``patch_size_t=pt``.
+    """
+
+    _repeated_blocks = ["SdpaBlock"]
+
+    def __init__(self, patch=(2, 2, 2), flat=True, channels=4, dim=32, heads=2, layers=2, text_dim=12):
+        super().__init__()
+        self.patch, self.flat = patch, flat
+        self.config = (SimpleNamespace(patch_size=patch[1], patch_size_t=patch[0], in_channels=channels) if flat
+                       else {"patch_size": tuple(patch), "in_channels": channels})
+        self.embed = nn.Linear(channels * patch[0] * patch[1] * patch[2], dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(SdpaBlock(dim, heads) for _ in range(layers))
+        self.head = nn.Linear(dim, channels * patch[0] * patch[1] * patch[2])
+
+    def forward(self, latent, text):
+        B, C, T, H, W = latent.shape
+        (pt, ph, pw), grid = self.patch, (T // self.patch[0], H // self.patch[1], W // self.patch[2])
+        packed = latent.reshape(B, C, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = self.embed(packed.flatten(1, 3).flatten(2)) if self.flat else self.embed(packed.flatten(4)).flatten(1, 3)
+        h = torch.cat([self.text_proj(text), x], dim=1)
+        for blk in self.blocks:
+            h = blk(h)
+        video = self.head(h[:, text.shape[1]:]).view(B, *grid, C, pt, ph, pw)
+        return video.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(B, C, T, H, W)
 
 
 @torch.compiler.disable

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import logging
+import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from . import backend as _backend
+from .model_info import check_call_latent, model_patch, repeated_blocks
 from .passes import DraftConfig
 from .report import Report
+
+log = logging.getLogger(__name__)
+
+
+# Compiled graphs each mode (sparse, dense) of one optimized model may keep: resolutions x batch sizes.
+# Dynamo's own limit (torch._dynamo.config.recompile_limit, 8) counts every torch.compile of one code object
+# together: the dense and the sparse graphs of a model, and other models of the same class.
+RECOMPILE_LIMIT = 64
+# torch >= 2.13: a torch.compile call can keep its own cache entries, under its own limit.
+_OWN_CACHE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 class DraftOptimizedModule(nn.Module):
@@ -19,42 +33,62 @@ class DraftOptimizedModule(nn.Module):
 
     Calls go to the compiled sparse model, or, inside ``draftopt.dense(model)``,
     to the same model compiled without the rewrite (one extra graph, compiled
-    on first use). Attributes the wrapper does not have are read from the
+    on first use). With ``regional=True`` only the model's repeated blocks are
+    compiled (as diffusers' ``compile_repeated_blocks`` does), for the duration
+    of each call. Attributes the wrapper does not have are read from the
     original model (``.config``, ``.dtype``, ... for diffusers pipelines).
     """
 
-    def __init__(self, model: nn.Module, config: DraftConfig, fullgraph: bool, mode: str | None):
+    def __init__(self, model: nn.Module, config: DraftConfig, fullgraph: bool, mode: str | None,
+                 regional: bool = False):
         super().__init__()
         self._orig_mod = model
         self.draftopt_config = config
         self._draftopt_records = []
         self._draftopt_dense_depth = 0
         self._draftopt_warmups = weakref.WeakSet()  # DenseWarmups still in their dense steps
-        self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode)
+        self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode, regional=regional,
+                                      recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
+        self._draftopt_model_patch = model_patch(model)
         # Not submodules (state_dict keeps the original model's keys only).
+        self.__dict__["_draftopt_blocks"] = repeated_blocks(model) if regional else None
         self.__dict__["_draftopt_sparse"] = self._compiled(config)
         self.__dict__["_draftopt_dense"] = None
 
     def _compiled(self, config: DraftConfig):
-        backend = functools.partial(_backend.draftopt_backend, options=config,
-                                    mode=self._draftopt_compile["mode"], records=self._draftopt_records)
+        opts = self._draftopt_compile
+        backend = functools.partial(_backend.draftopt_backend, options=config, mode=opts["mode"],
+                                    records=self._draftopt_records, model_patch=self._draftopt_model_patch)
+        # Its own cache entries per mode: dense warm-ups do not use up the sparse graphs' limit.
+        own = dict(isolate_recompiles=True, recompile_limit=opts["recompile_limit"]) if _OWN_CACHE else {}
         # Static shapes: each resolution compiles its own graph with its own geometry.
-        return torch.compile(self._orig_mod, backend=backend, dynamic=False,
-                             fullgraph=self._draftopt_compile["fullgraph"])
+        target = _call_block if opts["regional"] else self._orig_mod
+        return torch.compile(target, backend=backend, dynamic=False, fullgraph=opts["fullgraph"], **own)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and _wants_grad(self._orig_mod, args, kwargs):
             raise _backend.InferenceOnlyError(_backend.INFERENCE_ONLY)
         if not self._draftopt_dense_depth:
-            return _unwrapped(self._draftopt_sparse, args, kwargs)
+            return self._call(self._draftopt_sparse, "sparse", args, kwargs)
         if self._draftopt_dense is None:
             self.__dict__["_draftopt_dense"] = self._compiled(self.draftopt_config.replace(enabled=False))
         try:
-            return _unwrapped(self._draftopt_dense, args, kwargs)
+            return self._call(self._draftopt_dense, "dense", args, kwargs)
         except BaseException:  # an interrupted pipeline must not leave its warm-up on (then re-raise)
             for warmup in list(self._draftopt_warmups):
                 warmup.close()
             raise
+
+    def _call(self, compiled, which: str, args, kwargs):
+        limit = self._draftopt_compile["recompile_limit"]
+        scoped = contextlib.nullcontext() if _OWN_CACHE else torch._dynamo.config.patch(recompile_limit=limit)
+        with scoped, _warn_on_recompile_limit(type(self._orig_mod).__name__, which, limit):
+            if self._draftopt_blocks is None:
+                return _unwrapped(compiled, args, kwargs)
+            if self.draftopt_config.latent_shape is not None:
+                check_call_latent(self.draftopt_config.latent_shape, args, kwargs)
+            with _blocks_compiled(self._draftopt_blocks, compiled):
+                return _unwrapped(self._orig_mod, args, kwargs)
 
     def __getattr__(self, name):
         try:
@@ -64,7 +98,58 @@ class DraftOptimizedModule(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.draftopt_config
-        return f"sparsity={c.sparsity}, policy={c.policy!r}, latent_shape={c.latent_shape}, tile={c.tile}"
+        regional = ", regional=True" if self._draftopt_compile["regional"] else ""
+        return f"sparsity={c.sparsity}, policy={c.policy!r}, latent_shape={c.latent_shape}, tile={c.tile}{regional}"
+
+
+def _call_block(self, *args, **kwargs):
+    """One repeated block's call: one function, compiled once per mode, shared by every block (one graph
+    serves them all; the block's name in the report is its path inside the block, e.g. ``attn1``)."""
+    return self._call_impl(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _blocks_compiled(blocks, compiled):
+    """Inside the block each repeated block runs ``compiled`` (how nn.Module.compile does it); after it, as
+    before, so the original model is left as it was."""
+    saved = [b._compiled_call_impl for b in blocks]
+    for b in blocks:
+        b._compiled_call_impl = functools.partial(compiled, b)
+    try:
+        yield
+    finally:
+        for b, impl in zip(blocks, saved):
+            b._compiled_call_impl = impl
+
+
+class _RecompileLimitHits(logging.Handler):
+    """Dynamo's "hit config.recompile_limit" warnings during a call: its only sign that it runs the call
+    eagerly, i.e. with the model's own dense attention."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.hits = []
+
+    def emit(self, record):
+        if isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config."):
+            self.hits.append(record.getMessage().splitlines()[0])
+
+
+@contextlib.contextmanager
+def _warn_on_recompile_limit(model_name: str, which: str, limit: int):
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    watch = _RecompileLimitHits()
+    logger.addHandler(watch)
+    try:
+        yield
+    finally:
+        logger.removeHandler(watch)
+        if watch.hits:
+            warnings.warn(
+                f"draftopt: {model_name} ({which} graphs): {watch.hits[0]}: this call and later calls at shapes "
+                f"not compiled yet run uncompiled, with dense attention. draftopt keeps {limit} graphs per mode "
+                "(resolutions x batch sizes); raise torch._dynamo.config.recompile_limit before "
+                "draftopt.optimize to keep more", _backend.DraftoptWarning, stacklevel=4)
 
 
 # Errors of draftopt's own that reach the user as they are, not inside Dynamo's BackendCompilerFailed.
@@ -87,7 +172,8 @@ def _wants_grad(model: nn.Module, args, kwargs) -> bool:
 
 
 def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None, *, fullgraph: bool | None = None,
-             mode: str | None = None, config: DraftConfig | None = None, **options) -> DraftOptimizedModule:
+             mode: str | None = None, regional: bool | None = None, config: DraftConfig | None = None,
+             **options) -> DraftOptimizedModule:
     """Compile ``model`` with its video self-attention replaced by draft attention.
 
     Args:
@@ -97,7 +183,16 @@ def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None,
         sparsity: fraction of visual tile pairs to skip (default 0.9, or ``config``'s).
         fullgraph: passed to torch.compile (error on graph breaks).
         mode: Inductor mode, e.g. "reduce-overhead" for CUDA graphs.
+        regional: compile only the model's repeated blocks (diffusers' ``_repeated_blocks``,
+            as ``model.compile_repeated_blocks`` does): one compile serves every block, so
+            compiling is much faster. The blocks' graphs do not see the latent: needs
+            ``latent_shape``, and each call's latent is checked against it.
         config: a DraftConfig; ``options`` (DraftConfig fields) override it.
+
+    Without ``patch_size``, a graph with no patch convolution (a Linear patch
+    embedding, regional blocks) takes the patch size from ``model.config``
+    (``patch_size``, ``patch_size_t``); the report says so
+    ("patch (1, 2, 2) from model.config").
 
     Returns:
         A DraftOptimizedModule; it compiles on its first call. Calling optimize on
@@ -111,6 +206,7 @@ def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None,
         >>> model = draftopt.optimize(transformer, latent_shape=(21, 60, 104), sparsity=0.9)
         >>> out = model(**inputs)
         >>> print(draftopt.report(model))
+        >>> blocks_only = draftopt.optimize(transformer, latent_shape=(21, 60, 104), regional=True)
     """
     earlier = None
     if isinstance(model, DraftOptimizedModule):  # reconfigure: the original model, the earlier options
@@ -127,7 +223,25 @@ def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None,
     if earlier is not None:
         fullgraph = earlier._draftopt_compile["fullgraph"] if fullgraph is None else fullgraph
         mode = earlier._draftopt_compile["mode"] if mode is None else mode
-    return DraftOptimizedModule(model, cfg, bool(fullgraph), mode)
+        regional = earlier._draftopt_compile["regional"] if regional is None else regional
+    _check_regional(regional, cfg)
+    optimized = DraftOptimizedModule(model, cfg, bool(fullgraph), mode, bool(regional))
+    if cfg.patch_size is None and optimized._draftopt_model_patch is not None:
+        log.info("draftopt: patch %s from model.config (for graphs without a patch convolution)",
+                 optimized._draftopt_model_patch)
+    return optimized
+
+
+def _check_regional(regional, cfg: DraftConfig) -> None:
+    if not isinstance(regional, (bool, type(None))):
+        raise ValueError(f"regional must be True or False, got {regional!r}")
+    if regional and cfg.latent_shape is None:
+        raise ValueError("regional=True needs latent_shape=(T, H, W): the repeated blocks' graphs see tokens, "
+                         "not the latent, so they cannot read the grid off a patch embedding")
+    if regional and cfg.dense_layers:
+        raise ValueError(f"dense_layers={cfg.dense_layers} with regional=True: every block runs the one block "
+                         "graph, so it would keep that many sites dense in every block; pass dense_layers=0 or "
+                         "regional=False")
 
 
 @contextlib.contextmanager
@@ -184,7 +298,7 @@ class DenseWarmup:
 
     def close(self) -> None:
         """End the warm-up now: the model runs sparse again (idempotent)."""
-        model, self._model = self._model, None
+        model, self._model = getattr(self, "_model", None), None  # None too if __init__ refused its arguments
         if model is not None:
             model._draftopt_dense_depth -= 1
             model._draftopt_warmups.discard(self)

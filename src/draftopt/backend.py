@@ -50,27 +50,32 @@ def reset() -> None:
     GRAPHS.clear()
 
 
-def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None):
+def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None,
+                     model_patch=None):
     """Rewrite the graph's video self-attention, then compile it with ``config.compiler``.
+
+    ``model_patch``: the patch size the model's config gives (``draftopt.optimize``
+    passes it), for graphs without a patch convolution when ``options`` name none.
 
     A graph that Dynamo traced with dynamic shapes (``torch.compile``'s default
     makes a second resolution dynamic) has no concrete geometry; such a graph
-    is compiled once per input shape instead, each copy with its own geometry.
+    is compiled once per input shape instead, each copy with its own geometry
+    (dense graphs too: their records and report then hold concrete shapes).
     """
     config = DraftConfig.from_options(options)
     if config.enabled and torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         raise InferenceOnlyError(INFERENCE_ONLY)
-    if config.enabled and _symbolic_sites(gm):
-        return _PerShape(gm, config, mode, records)
-    return _compile_static(gm, example_inputs, config, mode, records)
+    if _symbolic_sites(gm):
+        return _PerShape(gm, config, mode, records, model_patch)
+    return _compile_static(gm, example_inputs, config, mode, records, model_patch)
 
 
-def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mode, records):
+def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mode, records, model_patch=None):
     record = GraphRecord(index=next(_INDEX), counts_before=op_counts(gm.graph), code_before=gm.code,
                          config=dataclasses.asdict(config))
     record.count_flops = flop_counter(gm, example_inputs)  # run when a report asks for it
-    record.sites = DraftAttentionPass(config)(gm, example_inputs)
+    record.sites = DraftAttentionPass(config, model_patch)(gm, example_inputs)
     record.counts_after, record.code_after = op_counts(gm.graph), gm.code
     GRAPHS.append(record)
     if records is not None:
@@ -94,8 +99,8 @@ class _PerShape:
     """A dynamic graph compiled per concrete input shape: each resolution gets a static copy of the graph
     (metadata re-propagated on fake tensors of that shape), rewritten with its own geometry."""
 
-    def __init__(self, gm, config, mode, records):
-        self.gm, self.config, self.mode, self.records = gm, config, mode, records
+    def __init__(self, gm, config, mode, records, model_patch=None):
+        self.gm, self.config, self.mode, self.records, self.model_patch = gm, config, mode, records, model_patch
         self.compiled = {}
 
     def __call__(self, *args):
@@ -104,7 +109,8 @@ class _PerShape:
         fn = self.compiled.get(key)
         if fn is None:
             static = _specialized(self.gm, args)
-            fn = self.compiled[key] = _compile_static(static, list(args), self.config, self.mode, self.records)
+            fn = self.compiled[key] = _compile_static(static, list(args), self.config, self.mode, self.records,
+                                                      self.model_patch)
         return fn(*args)
 
 

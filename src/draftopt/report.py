@@ -102,8 +102,8 @@ def site_from_dict(d: dict) -> SiteRecord:
 # -- FLOPs --------------------------------------------------------------------------------
 def site_flops(s: SiteRecord) -> tuple[int | None, int | None]:
     """(dense, sparse) attention FLOPs of a site; sparse is None for a skipped site."""
-    if len(s.q_shape) != 4 or len(s.kv_shape) != 4:
-        return None, None
+    if len(s.q_shape) != 4 or len(s.kv_shape) != 4 or not all(isinstance(d, int) for d in (*s.q_shape, *s.kv_shape)):
+        return None, None  # a symbolic size ("s0"): no number to give
     B, H, Lq, D = s.q_shape
     dense = 4 * B * H * Lq * s.kv_shape[2] * D
     if s.status != "rewritten":

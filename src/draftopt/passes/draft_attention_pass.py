@@ -103,12 +103,15 @@ class DraftAttentionPass:
     """
 
     config: DraftConfig
+    # The patch size the model's config gives (draftopt.optimize reads it): used with latent_shape when
+    # neither patch_size nor a patch convolution in the graph says (Linear patch embeddings, regional graphs).
+    model_patch: tuple | None = None
     counters: dict = field(default_factory=lambda: {"found": 0, "rewritten": 0, "skipped": 0})
 
     def __call__(self, gm: fx.GraphModule, example_inputs=None) -> list[SiteRecord]:
         cfg = self.config
         sites = find_attention_sites(gm.graph)
-        sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size) if sites else []
+        sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size, self.model_patch) if sites else []
         parallel = graph_has_collectives(gm.graph)
         records, dense_left = [], cfg.dense_layers
         for site in sites:
@@ -150,7 +153,7 @@ class DraftAttentionPass:
         q, k, v = (example_value(n) for n in (site.q, site.k, site.v))
         if q is None or k is None or v is None:
             raise skip("no shape information on q/k/v (not a Dynamo graph?)")
-        facts.update(q_shape=tuple(q.shape), kv_shape=tuple(k.shape), dtype=str(q.dtype).replace("torch.", ""))
+        facts.update(q_shape=_plain(q.shape), kv_shape=_plain(k.shape), dtype=str(q.dtype).replace("torch.", ""))
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise skip(f"q/k/v are not [B, heads, L, D] (q is {facts['q_shape']})")
         if not (is_static(q.shape) and is_static(k.shape) and is_static(v.shape)):
@@ -208,6 +211,12 @@ class DraftAttentionPass:
         scale = float(site.scale) if site.scale is not None else default_scale(D)
         attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
         return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts)
+
+
+def _plain(shape) -> tuple:
+    """A shape for the record: ints, symbolic sizes as their names ("s0"); a record never holds a SymInt
+    (it would break formatting and JSON long after the graph was compiled)."""
+    return tuple(d if isinstance(d, int) else str(d) for d in shape)
 
 
 def _grid_for(L: int, B: int, sources, facts: dict):

@@ -2,10 +2,13 @@
 
 The grid (T, H, W tokens) comes from, in order:
 
-1. ``latent_shape`` / patch size (the patch size from the config, else the
-   stride of the graph's patch embedding, else 1: the pipeline packed tokens);
+1. ``latent_shape`` / patch size (the patch size from ``patch_size``, else the
+   stride of the graph's patch embedding, else the model's own config as
+   ``optimize`` read it, else 1: the pipeline packed tokens);
 2. the output shape of a patch embedding in the graph: a Conv3d ([B, C, T, H, W])
-   or a Conv2d applied per frame ([B*T, C, H, W]).
+   or a Conv2d applied per frame ([B*T, C, H, W]);
+3. the input of a Linear patch embedding over packed patches, [B, T, H, W, K]
+   (Cosmos, Kandinsky 5).
 
 Text tokens are the rest of the sequence; their position is found by following
 q back to the ``torch.cat`` that joined text and video tokens.
@@ -25,6 +28,7 @@ from .sites import example_value
 
 _CONV3D = {torch.conv3d, F.conv3d, torch.ops.aten.convolution.default}
 _CONV2D = {torch.conv2d, F.conv2d}
+_LINEAR = {torch._C._nn.linear, F.linear}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
@@ -65,32 +69,33 @@ def _conv_stride(n: fx.Node) -> tuple[int, int, int]:
     return normalize_patch(stride if not isinstance(stride, int) else (stride,) * (3 if example_value(n).dim() == 5 else 2))
 
 
-def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[GridSource]:
+def _patch_linears(graph: fx.Graph):
+    """The first Linear applied to a 5-D [B, T, H, W, K] tensor: a patch embedding over packed patches,
+    whose input's middle dims are the token grid (later ones see the same grid)."""
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _LINEAR and n.args:
+            x = example_value(n.args[0])
+            if x is not None and x.dim() == 5 and is_static(x.shape):
+                return [(n, x)]
+    return []
+
+
+def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None, model_patch=None) -> list[GridSource]:
     """Candidate grids for the sites of this graph, most trusted first.
 
     A given ``latent_shape`` is checked against the latent the graph's patch
     embedding is called with: a mismatch (another resolution, a wrong shape)
-    is a ValueError naming both, never a wrong grid.
+    is a ValueError naming both, never a wrong grid. ``model_patch`` is the
+    patch size the model's config gives (``optimize`` reads it), used when
+    neither ``patch_size`` nor a patch convolution in the graph says.
+
+    Example:
+        >>> [s.grid for s in grid_sources(gm.graph, latent_shape=(2, 16, 32), model_patch=(1, 2, 2))]
+        [(2, 8, 16)]
     """
-    convs = list(_conv_nodes(graph))
+    convs, linears = list(_conv_nodes(graph)), _patch_linears(graph)
     if latent_shape is not None:
-        if patch_size is not None:
-            patch, how = normalize_patch(patch_size), "patch_size"
-        elif convs:
-            patch, how = _conv_stride(convs[0][0]), f"stride of {convs[0][0].name}"
-        else:
-            patch, how = (1, 1, 1), "no patch embedding in the graph"
-        if any(d % p for d, p in zip(latent_shape, patch)):
-            raise ValueError(
-                f"latent_shape {tuple(latent_shape)} is not divisible by the patch size {patch} ({how}); "
-                "pass the latent tensor's (T, H, W) and, if needed, patch_size=(pt, ph, pw)"
-            )
-        if convs:
-            _check_latent(convs[0][0], tuple(latent_shape))
-        grid = tuple(d // p for d, p in zip(latent_shape, patch))
-        checked = f"checked against {convs[0][0].name}'s input" if convs else (
-            "unverified: no patch embedding in this graph to check it against")
-        return [GridSource(grid, f"latent_shape {tuple(latent_shape)} / patch {patch} ({how}); {checked}")]
+        return [_from_latent(tuple(latent_shape), patch_size, model_patch, convs, linears)]
     sources = []
     for n, out in convs:
         if any(not isinstance(d, int) for d in out.shape):
@@ -100,7 +105,51 @@ def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None) -> list[Gr
         else:
             sources.append(GridSource((None, *out.shape[2:]), f"output of per-frame patch embedding {n.name} "
                                       f"{tuple(out.shape)}", frames_from_batch=out.shape[0]))
+    sources += [GridSource(tuple(x.shape[1:4]), f"input of Linear patch embedding {n.name} {tuple(x.shape)}")
+                for n, x in linears]
     return sources
+
+
+def _patch(patch_size, model_patch, convs) -> tuple[tuple, str]:
+    """The patch size and where it came from: the option, the graph's patch convolution, the model's config."""
+    if patch_size is not None:
+        return normalize_patch(patch_size), "from patch_size"
+    if convs:
+        return _conv_stride(convs[0][0]), f"from the stride of {convs[0][0].name}"
+    if model_patch is not None:
+        return normalize_patch(model_patch), "from model.config"
+    return (1, 1, 1), "(no patch embedding in the graph, no patch_size, no model.config patch)"
+
+
+def _from_latent(latent_shape: tuple, patch_size, model_patch, convs, linears) -> GridSource:
+    patch, how = _patch(patch_size, model_patch, convs)
+    if any(d % p for d, p in zip(latent_shape, patch)):
+        raise ValueError(
+            f"latent_shape {latent_shape} is not divisible by the patch size {patch} ({how}); "
+            "pass the latent tensor's (T, H, W) and, if needed, patch_size=(pt, ph, pw)"
+        )
+    grid = tuple(d // p for d, p in zip(latent_shape, patch))
+    if convs:
+        _check_latent(convs[0][0], latent_shape)
+        checked = f"checked against {convs[0][0].name}'s input"
+    elif linears:
+        _check_linear_grid(*linears[0], grid, latent_shape, patch)
+        checked = f"checked against {linears[0][0].name}'s input"
+    else:
+        checked = "unverified: no patch embedding in this graph to check it against"
+    return GridSource(grid, f"latent_shape {latent_shape} / patch {patch} {how}; {checked}")
+
+
+def _check_linear_grid(linear: fx.Node, x, grid: tuple, latent_shape: tuple, patch: tuple) -> None:
+    """ValueError unless the Linear patch embedding's input [B, T, H, W, K] has the grid latent_shape / patch."""
+    seen = tuple(x.shape[1:4])
+    if seen != grid:
+        raise ValueError(
+            f"latent_shape {latent_shape} / patch {patch} = grid {grid} does not match the token grid this graph "
+            f"is called with: the patch embedding {linear.name} gets {tuple(x.shape)} (T, H, W = "
+            f"{'x'.join(map(str, seen))}). Pass latent_shape=None to read the grid of every call off the graph, "
+            "or the latent_shape (and patch_size) of this call"
+        )
 
 
 def _check_latent(conv: fx.Node, latent_shape: tuple) -> None:

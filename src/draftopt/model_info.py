@@ -1,0 +1,101 @@
+"""What ``optimize`` reads off the model itself: its patch size, its repeated blocks, the latent of a call.
+
+A graph without a patch convolution (a Linear patch embedding, the blocks of
+a regionally compiled model, a graph broken before the attention) does not
+show the patch size; diffusers models say it in their config:
+
+    WanTransformer3DModel, CosmosTransformer3DModel,     patch_size=(pt, ph, pw)
+    Kandinsky5Transformer3DModel, SkyReels-V2, Helios
+    HunyuanVideoTransformer3DModel, Allegro, LTX-Video,  patch_size=p, patch_size_t=pt
+    CogVideoXTransformer3DModel (1.5: patch_size_t=2)
+    CogVideoX 1.0, Mochi, EasyAnimate                    patch_size=p (patch_size_t None or absent: 1)
+
+In each, the token grid is (T // pt, H // ph, W // pw) of the latent (T, H, W).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .passes.config import _int_tuple, _is_int
+
+log = logging.getLogger(__name__)
+
+
+def _config_value(config, name: str):
+    if isinstance(config, Mapping):  # diffusers' FrozenDict, a plain dict
+        return config.get(name)
+    return getattr(config, name, None)
+
+
+def model_patch(model: nn.Module) -> tuple[int, int, int] | None:
+    """The patch size (pt, ph, pw) that ``model.config`` gives, or None when it gives none that reads so.
+
+    Example:
+        >>> model_patch(WanTransformer3DModel(patch_size=(1, 2, 2), ...))
+        (1, 2, 2)
+        >>> model_patch(HunyuanVideoTransformer3DModel(patch_size=2, patch_size_t=1, ...))
+        (1, 2, 2)
+        >>> model_patch(nn.Linear(4, 4)) is None
+        True
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    patch, patch_t = _config_value(config, "patch_size"), _config_value(config, "patch_size_t")
+    patch_t = 1 if patch_t is None else patch_t
+    if _is_int(patch):
+        shape = (patch_t, patch, patch)
+    else:
+        shape = _int_tuple(patch) if isinstance(patch, (tuple, list)) else None
+        shape = (patch_t, *shape) if shape is not None and len(shape) == 2 else shape
+    if shape is None or len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
+        if patch is not None:  # a config field of another meaning (an image model's nested patch sizes)
+            log.info("draftopt: model.config.patch_size=%r, patch_size_t=%r is no (pt, ph, pw); not used",
+                     patch, patch_t)
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules diffusers' ``compile_repeated_blocks`` would compile (classes named in ``_repeated_blocks``).
+
+    Raises ValueError naming the fix when the model names none or none is found.
+    """
+    names = getattr(model, "_repeated_blocks", None)
+    if not names:
+        raise ValueError(f"regional=True needs a model whose class lists its repeated blocks in "
+                         f"`_repeated_blocks` (diffusers >= 0.35 models do); {type(model).__name__} has none. "
+                         "Use regional=False to compile the whole model")
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"regional=True: no module of the classes {list(names)} (the model's "
+                         "`_repeated_blocks`) in the model; use regional=False")
+    return blocks
+
+
+def check_call_latent(latent_shape: tuple, args, kwargs) -> None:
+    """ValueError unless a 5-D latent the model is called with has ``latent_shape`` as its (T, H, W).
+
+    For graphs that cannot check it themselves (a regionally compiled model's blocks see tokens only): a
+    call at another resolution with as many tokens would otherwise reuse the grid of the first. The latent
+    is ``hidden_states`` (or the first positional tensor); channels may come first ([B, C, T, H, W]),
+    second ([B, T, C, H, W], CogVideoX) or last ([B, T, H, W, C], Kandinsky 5). Other inputs (packed tokens,
+    as LTX-Video's) are not checked.
+    """
+    x = kwargs.get("hidden_states")
+    if x is None:
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return
+    s = tuple(x.shape)
+    if tuple(latent_shape) not in (s[2:], (s[1], *s[3:]), s[1:4]):
+        raise ValueError(
+            f"latent_shape {tuple(latent_shape)} does not match the latent this model is called with: "
+            f"hidden_states is {s}. Pass this call's (T, H, W): draftopt.optimize(model, latent_shape=...) "
+            "again reconfigures the model"
+        )
