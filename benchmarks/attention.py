@@ -35,9 +35,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from _results import save_table
 from _shapes import SHAPES, shape
 from _timing import graphed
-from draftopt.kernels import (Geometry, block_sparse_attention, draft_attention, draft_map, permute_tiles,
-                              permuted_key_bias, plan, select_blocks, tile_pool, tiled_attention, unpermute_tiles)
+from draftopt.kernels import (Geometry, block_mass, block_sparse_attention, draft_attention, draft_map, permute_tiles,
+                              permuted_key_bias, plan, score_map, select_blocks, tile_moments, tile_pool, tiled_attention,
+                              unpermute_tiles)
 from draftopt.kernels.block_mask import indices_to_dense
+from draftopt.kernels.ops.select import select_blocks_guarded
+from draftopt.kernels.sparsity import POLICIES
 from draftopt.kernels.triton.attention import block_sparse_attention_triton
 
 
@@ -72,7 +75,7 @@ def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
     return BlockMask.from_kv_blocks(zeros_cnt, zeros_idx, full_cnt, full_idx, BLOCK_SIZE=geom.block), dense
 
 
-def bench_shape(name, sparsities, flex_compiled):
+def bench_shape(name, sparsities, flex_compiled, policy):
     heads, geom = shape(name)
     grid, text_len = geom.grid, geom.text_len
     L = geom.seq_len
@@ -97,8 +100,9 @@ def bench_shape(name, sparsities, flex_compiled):
     for s in sparsities:
         # stages on their own
         qp_pool, kp_pool = tile_pool(q, geom), tile_pool(k, geom)
-        P = draft_map(qp_pool, kp_pool, scale)
-        kv_idx, kv_cnt = select_blocks(P, s, "percentile")
+        q_mom, k_mom = tile_moments(q, geom), tile_moments(k, geom)
+        P = score_map(q, k, geom, scale, policy)
+        kv_idx, kv_cnt = select_blocks(P, s, policy)
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
         out_p = block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, scale=scale)
         bias = permuted_key_bias(None, 1, heads, geom, q.device)
@@ -109,7 +113,13 @@ def bench_shape(name, sparsities, flex_compiled):
         stages = {
             "stage pool (q, k)": lambda: (tile_pool(q, geom), tile_pool(k, geom)),
             "stage draft map": lambda: draft_map(qp_pool, kp_pool, scale),
-            "stage select": lambda: select_blocks(P, s, "percentile"),
+            "stage tile moments (q, k)": lambda: (tile_moments(q, geom), tile_moments(k, geom)),
+            "stage block mass": lambda: block_mass(*q_mom, *k_mom, geom, scale),
+            "stage select": lambda: select_blocks(P, s, policy),
+            "stage select, run-time sparsity (sort)": lambda: select_blocks_guarded(P, s, 1.0),
+            "stage select, run-time sparsity + guard max_error 0.05": lambda: select_blocks_guarded(P, s, 0.05),
+            **{f"stages 1-2 together, policy {pol}": (lambda pol=pol: select_blocks(
+                score_map(q, k, geom, scale, pol), s, pol)) for pol in ("percentile", "mass")},
             "stage permute (q, k, v)": lambda: [permute_tiles(t, geom) for t in (q, k, v)],
             f"stage attend ({attend_kernel})": lambda: block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom,
                                                                               scale=scale),
@@ -119,7 +129,8 @@ def bench_shape(name, sparsities, flex_compiled):
             "attend, Triton kernel (tile-major)": lambda: block_sparse_attention_triton(
                 qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks, geom.has_visual_padding),
         }
-        ms, mem = timed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s), graph=True)
+        ms, mem = timed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s, policy=policy),
+                        graph=True)
         row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best)
         for label, fn in stages.items():
             ms, mem = timed(fn, graph=True)
@@ -137,6 +148,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
+    ap.add_argument("--policy", default="mass", choices=list(POLICIES))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     flex = None
@@ -146,14 +158,14 @@ def main():
         flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for name in args.shapes:
-        rows += bench_shape(name, args.sparsities, flex)
+        rows += bench_shape(name, args.sparsities, flex, args.policy)
         print(f"done {name}", flush=True)
     headers = list(rows[0])
     save_table("attention", headers, [[r[h] for h in headers] for r in rows],
                dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                    dtype="bfloat16", head_dim=128, policy="percentile"), args.out)
+                    dtype="bfloat16", head_dim=128, policy=args.policy), args.out)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, D=128, "
-          "policy percentile")
+          f"policy {args.policy}")
     print(tabulate([[r["shape"], r["sparsity"], r["row"], r["ms"], r["speedup"] or "", r["tflops"] or "",
                      r["extra_gib"]] for r in rows],
                    headers=["shape", "sparsity", "row", "ms", "speedup", "TFLOP/s", "extra GiB"]))

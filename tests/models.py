@@ -46,6 +46,27 @@ def hunyuan_inputs(latent=(2, 16, 32), batch=2, text_len=8, valid=(5, 8), device
                 guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype), return_dict=False)
 
 
+def tiny_hunyuan15(heads=2, head_dim=16, layers=1):
+    """HunyuanVideo 1.5 (patch 1): its self-attention mask is the outer product of one padding vector."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def hunyuan15_inputs(latent=(2, 8, 16), batch=2, valid=((4, 2), (6, 3))):
+    """Text-to-video inputs: prompt b has valid[b] = (real Qwen tokens of 6, real ByT5 tokens of 4)."""
+    mask, mask_2 = torch.zeros(batch, 6, dtype=torch.long), torch.zeros(batch, 4, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : valid[b][0]], mask_2[b, : valid[b][1]] = 1, 1
+    return dict(hidden_states=torch.randn(batch, 4, *latent), timestep=torch.full((batch,), 500.0),
+                encoder_hidden_states=torch.randn(batch, 6, 16), encoder_attention_mask=mask,
+                encoder_hidden_states_2=torch.randn(batch, 4, 8), encoder_attention_mask_2=mask_2,
+                image_embeds=torch.zeros(batch, 3, 8), return_dict=False)
+
+
 class ToyAttention(nn.Module):
     """Explicit softmax attention, as older DiT code writes it."""
 
@@ -89,17 +110,72 @@ def toy_inputs(batch=2, latent=(2, 8, 16), text_len=7):
 
 
 class SdpaBlock(nn.Module):
-    """Pre-norm SDPA self-attention, residual."""
+    """Pre-norm SDPA self-attention, residual; ``mask``: SDPA's attn_mask."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.norm = heads, nn.LayerNorm(dim)
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def forward(self, h):
+    def forward(self, h, mask=None):
         B, L, C = h.shape
         q, k, v = self.qkv(self.norm(h)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        return h + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return h + self.out(out.transpose(1, 2).reshape(B, L, C))
+
+
+def outer_product_mask(m, style):
+    """A [B, 1, L, L] self-attention mask from the padding vector m [B, L] (bool), spelled as models do."""
+    B, L = m.shape
+    if style == "repeat":  # HunyuanVideo 1.5's own code
+        m1 = m.view(B, 1, 1, L).repeat(1, 1, L, 1)
+        return (m1 & m1.transpose(2, 3)).bool()
+    if style == "index":
+        return m[:, None, :, None] & m[:, None, None, :]
+    if style == "logical_and":
+        return torch.logical_and(m.unsqueeze(1).unsqueeze(-1), m.reshape(B, 1, 1, L).expand(B, 1, L, L))
+    if style == "two_vectors":  # a query mask and another key mask: no outer product of one vector
+        return m[:, None, :, None] & m.roll(1, dims=1)[:, None, None, :]
+    raise ValueError(style)
+
+
+class PaddedTextDiT(nn.Module):
+    """HunyuanVideo 1.5 style: video tokens, then text tokens, in one self-attention whose mask is the outer
+    product of one padding vector (``outer_product_mask``): padded text tokens are hidden as keys *and* as
+    queries, so their rows attend to nothing. Returns every token's output [B, L, dim], padded rows included.
+    ``style="input"`` takes the [B, 1, L, L] mask as an input instead (nothing in the graph proves its form).
+    """
+
+    def __init__(self, style="repeat", channels=4, dim=32, heads=2, layers=2, text_dim=12):
+        super().__init__()
+        self.style = style
+        self.patch = nn.Conv3d(channels, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(SdpaBlock(dim, heads) for _ in range(layers))
+
+    def forward(self, latent, text, text_mask):
+        x = self.patch(latent).flatten(2).transpose(1, 2)
+        h = torch.cat([x, self.text_proj(text)], dim=1)
+        if self.style == "input":
+            mask = text_mask
+        else:
+            m = F.pad(text_mask.bool(), (x.shape[1], 0), value=True)  # video tokens are never padding
+            mask = outer_product_mask(m, self.style)
+        for blk in self.blocks:
+            h = blk(h, mask)
+        return h
+
+    @staticmethod
+    def inputs(batch=2, latent=(2, 8, 16), text_len=8, valid=(5, 8), style="repeat"):
+        """(latent, text, text_mask): sample b has ``valid[b]`` real text tokens, the rest padding."""
+        text_mask = torch.zeros(batch, text_len, dtype=torch.long)
+        for b in range(batch):
+            text_mask[b, : valid[b % len(valid)]] = 1
+        if style == "input":
+            n = latent[0] * (latent[1] // 2) * (latent[2] // 2)
+            m = F.pad(text_mask.bool(), (n, 0), value=True)
+            text_mask = m[:, None, :, None] & m[:, None, None, :]
+        return torch.randn(batch, 4, *latent), torch.randn(batch, text_len, 12), text_mask
 
 
 class PackedPatchDiT(nn.Module):

@@ -18,6 +18,8 @@ import importlib.util
 import os
 import sys
 
+from .kernels.sparsity import POLICIES
+
 
 def _load_factory(spec: str):
     if ":" not in spec:
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
     rep.add_argument("factory", metavar="MODULE:FACTORY", help="returns (model, example_args)")
     rep.add_argument("--latent-shape", type=int, nargs=3, metavar=("T", "H", "W"))
     rep.add_argument("--sparsity", type=float, default=0.9)
-    rep.add_argument("--policy", choices=["percentile", "topk", "cdf"])
+    rep.add_argument("--policy", choices=list(POLICIES))
     rep.add_argument("--tile", type=int, nargs=2, default=[8, 16], metavar=("TH", "TW"))
     rep.add_argument("--min-tokens", type=int, help="skip sites with fewer visual tokens (default: DraftConfig's)")
     rep.add_argument("--format", choices=["text", "md", "json", "html"], default="text")

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 import warnings
 import weakref
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from . import backend as _backend
 from .model_info import check_call_latent, model_patch, repeated_blocks
-from .passes import DraftConfig
+from .kernels.control import RuntimeControl
+from .passes import DraftConfig, ModelContext
 from .report import Report
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class DraftOptimizedModule(nn.Module):
         self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode, regional=regional,
                                       recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
         self._draftopt_model_patch = model_patch(model)
+        # runtime_sparsity: the device tensor the selection reads (draftopt.set_sparsity writes it)
+        self.__dict__["_draftopt_control"] = (RuntimeControl(config.sparsity, config.max_error)
+                                             if config.runtime_sparsity else None)
         # Not submodules (state_dict keeps the original model's keys only).
         self.__dict__["_draftopt_blocks"] = repeated_blocks(model) if regional else None
         self.__dict__["_draftopt_sparse"] = self._compiled(config)
@@ -58,12 +63,17 @@ class DraftOptimizedModule(nn.Module):
     def _compiled(self, config: DraftConfig):
         opts = self._draftopt_compile
         backend = functools.partial(_backend.draftopt_backend, options=config, mode=opts["mode"],
-                                    records=self._draftopt_records, model_patch=self._draftopt_model_patch)
+                                    records=self._draftopt_records, context=self._draftopt_context(config))
         # Its own cache entries per mode: dense warm-ups do not use up the sparse graphs' limit.
         own = dict(isolate_recompiles=True, recompile_limit=opts["recompile_limit"]) if _OWN_CACHE else {}
         # Static shapes: each resolution compiles its own graph with its own geometry.
         target = _call_block if opts["regional"] else self._orig_mod
         return torch.compile(target, backend=backend, dynamic=False, fullgraph=opts["fullgraph"], **own)
+
+    def _draftopt_context(self, config: DraftConfig) -> ModelContext:
+        control = self._draftopt_control
+        key = control.key if control is not None and config.enabled else -1
+        return ModelContext(patch=self._draftopt_model_patch, control_key=key)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and _wants_grad(self._orig_mod, args, kwargs):
@@ -332,11 +342,52 @@ def reset() -> None:
 
 
 def report(model: nn.Module | None = None) -> Report:
-    """What draftopt did: for a model returned by optimize, its graphs; with no
-    argument, every graph the draftopt backend compiled in this process."""
+    """What draftopt did: for a model returned by optimize, its graphs; for a model prepared with
+    ``use_attention_backend``, its attention calls (source "diffusers"); with no argument, every graph the
+    draftopt backend compiled and every model the diffusers backend ran in this process."""
     if model is None:
         return Report(_backend.GRAPHS)
-    if not isinstance(model, DraftOptimizedModule):
-        raise ValueError(f"draftopt.report() expects a model returned by draftopt.optimize() (or no "
-                         f"argument for every graph), got {type(model).__name__}")
-    return Report(model._draftopt_records)
+    if isinstance(model, DraftOptimizedModule):
+        return Report([*model._draftopt_records, *(_attention_backend_records(model._orig_mod) or [])])
+    if not isinstance(model, nn.Module):  # draftopt.export_onnx's result, the .onnx file, an export_program program
+        from .export import report_of
+
+        exported = report_of(model)
+        if exported is None:
+            raise ValueError(f"draftopt.report() expects a model returned by draftopt.optimize(), an export "
+                             f"(export_onnx's result, the .onnx file it wrote, an export_program program) or no "
+                             f"argument, got {type(model).__name__}")
+        return exported
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile of a prepared model
+        model = model._orig_mod
+    records = _attention_backend_records(model)
+    if records is None:
+        raise ValueError(f"draftopt.report() expects a model returned by draftopt.optimize() or prepared with "
+                         f"draftopt.use_attention_backend() (or no argument for every graph), got "
+                         f"{type(model).__name__}")
+    return Report(records)
+
+
+def _attention_backend_records(model: nn.Module):
+    """The diffusers backend's records of ``model`` (None: never prepared); without importing diffusers."""
+    module = sys.modules.get("draftopt.diffusers_backend")
+    handle = module.handle_of(model) if module is not None else None
+    return None if handle is None else handle.records
+
+
+def use_attention_backend(model: nn.Module, sparsity: float | None = None, **options):
+    """Draft attention through diffusers' attention dispatcher: ``model``'s video self-attention calls run
+    draftopt's ops, eagerly or compiled, with the grid from each call's latent and ``model.config``'s patch
+    size. Returns a handle (``.report()``, ``.dense()``, ``.remove()``); ``draftopt.report(model)`` lists the
+    calls. For models the FX pass cannot see whole: eager runs, graph breaks, data-dependent sequences.
+    Keywords: ``draftopt.diffusers_backend.use_attention_backend`` (DraftConfig fields, ``set_backend``).
+
+    Example:
+        >>> handle = draftopt.use_attention_backend(transformer, sparsity=0.9)
+        >>> with torch.no_grad():
+        ...     out = transformer(**inputs)
+        >>> print(draftopt.report(transformer))
+    """
+    from .diffusers_backend import use_attention_backend as use  # imports diffusers only when called
+
+    return use(model, sparsity, **options)

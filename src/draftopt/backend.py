@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch._logging import trace_structured
 
-from .passes import DraftAttentionPass, DraftConfig, find_attention_sites
+from .passes import DraftAttentionPass, DraftConfig, ModelContext, find_attention_sites
 from .passes.infer_geometry import is_static
 from .passes.sites import example_value
 from .report import GraphRecord, Report, op_counts
@@ -51,11 +51,11 @@ def reset() -> None:
 
 
 def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode=None, records=None,
-                     model_patch=None):
+                     context: ModelContext | None = None):
     """Rewrite the graph's video self-attention, then compile it with ``config.compiler``.
 
-    ``model_patch``: the patch size the model's config gives (``draftopt.optimize``
-    passes it), for graphs without a patch convolution when ``options`` name none.
+    ``context``: what ``draftopt.optimize`` knows beyond the graph (the patch size
+    of ``model.config``, the run-time control of ``runtime_sparsity``).
 
     A graph that Dynamo traced with dynamic shapes (``torch.compile``'s default
     makes a second resolution dynamic) has no concrete geometry; such a graph
@@ -67,15 +67,16 @@ def draftopt_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mod
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         raise InferenceOnlyError(INFERENCE_ONLY)
     if _symbolic_sites(gm):
-        return _PerShape(gm, config, mode, records, model_patch)
-    return _compile_static(gm, example_inputs, config, mode, records, model_patch)
+        return _PerShape(gm, config, mode, records, context)
+    return _compile_static(gm, example_inputs, config, mode, records, context)
 
 
-def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mode, records, model_patch=None):
+def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mode, records, context=None):
     record = GraphRecord(index=next(_INDEX), counts_before=op_counts(gm.graph), code_before=gm.code,
                          config=dataclasses.asdict(config))
     record.count_flops = flop_counter(gm, example_inputs)  # run when a report asks for it
-    record.sites = DraftAttentionPass(config, model_patch)(gm, example_inputs)
+    original = _copy(gm)  # the pass rewrites gm in place
+    record.sites = DraftAttentionPass(config, context or ModelContext())(gm, example_inputs)
     record.counts_after, record.code_after = op_counts(gm.graph), gm.code
     GRAPHS.append(record)
     if records is not None:
@@ -86,7 +87,26 @@ def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mod
     # Next to Inductor's own artifacts for TORCH_TRACE / tlparse users.
     trace_structured("artifact", metadata_fn=lambda: {"name": "draftopt_report", "encoding": "json"},
                      payload_fn=lambda: Report([record]).to_json())
-    return compile_graph(gm, example_inputs, config.compiler, mode)
+    if not rewritten:
+        return compile_graph(gm, example_inputs, config.compiler, mode)
+    try:
+        return compile_graph(gm, example_inputs, config.compiler, mode)
+    except Exception as e:  # never Dynamo's silent eager fallback: say it, and run the original graph
+        _tell_compile_failed(record, e, config.strict)
+        return compile_graph(original, example_inputs, config.compiler, mode)
+
+
+def _tell_compile_failed(record: GraphRecord, error: Exception, strict: bool) -> None:
+    why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    for s in record.sites:
+        if s.status == "rewritten":
+            s.status, s.reason, s.candidate = "skipped", f"compiling the rewritten graph failed ({why})", True
+    message = (f"draftopt: compiling graph {record.index} with its draft-attention sites failed ({why}); the "
+               "graph runs as it was, dense. This is a draftopt bug: please report it with the traceback "
+               "that strict=True raises.")
+    if strict:
+        raise DenseSitesError(message) from error
+    warnings.warn(message, DraftoptWarning, stacklevel=2)
 
 
 def _symbolic_sites(gm: fx.GraphModule) -> bool:
@@ -99,8 +119,8 @@ class _PerShape:
     """A dynamic graph compiled per concrete input shape: each resolution gets a static copy of the graph
     (metadata re-propagated on fake tensors of that shape), rewritten with its own geometry."""
 
-    def __init__(self, gm, config, mode, records, model_patch=None):
-        self.gm, self.config, self.mode, self.records, self.model_patch = gm, config, mode, records, model_patch
+    def __init__(self, gm, config, mode, records, context=None):
+        self.gm, self.config, self.mode, self.records, self.context = gm, config, mode, records, context
         self.compiled = {}
 
     def __call__(self, *args):
@@ -110,7 +130,7 @@ class _PerShape:
         if fn is None:
             static = _specialized(self.gm, args)
             fn = self.compiled[key] = _compile_static(static, list(args), self.config, self.mode, self.records,
-                                                      self.model_patch)
+                                                      self.context)
         return fn(*args)
 
 

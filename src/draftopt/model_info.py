@@ -90,12 +90,71 @@ def check_call_latent(latent_shape: tuple, args, kwargs) -> None:
     x = kwargs.get("hidden_states")
     if x is None:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+    if isinstance(x, torch.Tensor):
+        check_latent_shape(latent_shape, tuple(x.shape))
+
+
+def check_latent_shape(latent_shape: tuple, s: tuple) -> None:
+    """``check_call_latent`` on the shape of the call's hidden_states (not 5-D: nothing to check)."""
+    if len(s) != 5:
         return
-    s = tuple(x.shape)
     if tuple(latent_shape) not in (s[2:], (s[1], *s[3:]), s[1:4]):
         raise ValueError(
             f"latent_shape {tuple(latent_shape)} does not match the latent this model is called with: "
             f"hidden_states is {s}. Pass this call's (T, H, W): draftopt.optimize(model, latent_shape=...) "
             "again reconfigures the model"
         )
+
+
+# -- what the diffusers attention backend reads off the model (it sees calls, not a graph) ----------------------
+# Where joint-attention video models put the text tokens in their self-attention sequence (read off each
+# processor's torch.cat of query and text query in diffusers 0.42.1); models absent here have no text tokens in
+# self-attention (Wan, LTX-Video, Cosmos: text is cross-attention) or need text_position= from the user.
+FAMILY_TEXT_POSITION = {
+    "HunyuanVideoTransformer3DModel": "end",
+    "HunyuanVideo15Transformer3DModel": "end",
+    "HunyuanVideoFramepackTransformer3DModel": "end",
+    "MotifVideoTransformer3DModel": "end",
+    "CogVideoXTransformer3DModel": "start",
+    "ConsisIDTransformer3DModel": "start",
+    "EasyAnimateTransformer3DModel": "start",
+}
+# The channel axis of the 5-D latent a model is called with, where it is not 1 ([B, C, T, H, W]).
+FAMILY_CHANNEL_AXIS = {
+    "CogVideoXTransformer3DModel": 2,  # [B, T, C, H, W]
+    "ConsisIDTransformer3DModel": 2,
+    "Kandinsky5Transformer3DModel": 4,  # [B, T, H, W, C]
+}
+
+
+def text_position_of(model: nn.Module) -> str | None:
+    """Where ``model``'s self-attention puts its text tokens ("start" / "end"), by its class; None: unknown.
+
+    Example:
+        >>> text_position_of(HunyuanVideoTransformer3DModel(...))
+        'end'
+    """
+    return FAMILY_TEXT_POSITION.get(type(model).__name__)
+
+
+def latent_thw(model_name: str, in_channels, shape: tuple) -> tuple[tuple[int, int, int] | None, str]:
+    """((T, H, W), how) of a 5-D latent of ``shape`` that a model of class ``model_name`` is called with, or
+    (None, why not). The channel axis is the family's (``FAMILY_CHANNEL_AXIS``, else 1), checked against
+    ``config.in_channels`` where the config has it; a shape whose channel axis is unclear gives None.
+
+    Example:
+        >>> latent_thw("WanTransformer3DModel", 16, (1, 16, 21, 60, 104))
+        ((21, 60, 104), 'hidden_states (1, 16, 21, 60, 104), channels at axis 1')
+    """
+    if len(shape) != 5:
+        return None, (f"hidden_states {shape} is not a 5-D latent (packed tokens?): pass latent_shape=(T, H, W) "
+                      "of the latent")
+    axis = FAMILY_CHANNEL_AXIS.get(model_name, 1)
+    if _is_int(in_channels) and shape[axis] != in_channels:
+        matches = [a for a in (1, 2, 4) if shape[a] == in_channels]
+        if len(matches) != 1:
+            return None, (f"hidden_states {shape}: no single channel axis of size in_channels={in_channels}; pass "
+                          "latent_shape=(T, H, W)")
+        axis = matches[0]
+    thw = tuple(d for i, d in enumerate(shape) if i not in (0, axis))
+    return thw, f"hidden_states {shape}, channels at axis {axis}"

@@ -54,10 +54,13 @@ def save_mask_images(mask: DraftBlockMask, prefix: str, heads=None, batch: int =
         matplotlib.image.imsave(raw, img)
         fig, axes = plt.subplots(1, 2, figsize=(10, 5))
         if mask.draft_map is not None:
-            im = axes[0].imshow(mask.draft_map[batch, h].float().cpu().numpy().clip(1e-5), cmap="viridis",
-                                interpolation="nearest", norm=LogNorm(vmin=1e-5, vmax=1.0))
+            m = mask.draft_map[batch, h].float().cpu()
+            top = max(float(m.max()), 1e-4)  # "mass" maps hold token counts (up to a tile's), not probabilities
+            im = axes[0].imshow(m.numpy().clip(top * 1e-5), cmap="viridis", interpolation="nearest",
+                                norm=LogNorm(vmin=top * 1e-5, vmax=top))
             fig.colorbar(im, ax=axes[0], fraction=0.046)
-        axes[0].set_title("draft map: softmax(pooled q . k), log scale")
+        axes[0].set_title("estimated block mass, log scale" if mask.policy == "mass"
+                          else "draft map: softmax(pooled q . k), log scale")
         axes[1].imshow(mask_image(mask, batch, h, 1), interpolation="nearest")
         kept = mask.to_dense()[batch, h].float().mean().item()
         axes[1].set_title(f"computed blocks: blue {kept:.1%} of visual tile pairs"
@@ -65,7 +68,8 @@ def save_mask_images(mask: DraftBlockMask, prefix: str, heads=None, batch: int =
         for ax in axes:
             ax.set_xlabel("key tile")
             ax.set_ylabel("query tile")
-        fig.suptitle(f"{os.path.basename(prefix)}: batch {batch}, head {h}\n{mask.geometry}")
+        widened = "  [widened by the guard]" if bool(mask.widened()[batch, h]) else ""
+        fig.suptitle(f"{os.path.basename(prefix)}: batch {batch}, head {h}{widened}\n{mask.geometry}")
         fig.tight_layout()
         pic = f"{prefix}_b{batch}_h{h}.png"
         fig.savefig(pic, dpi=100)

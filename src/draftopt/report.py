@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import logging
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from .kernels.sparsity import expected_kept_tiles
@@ -64,6 +65,11 @@ class GraphRecord:
     flops_total: int | None = None  # the whole graph before the rewrite, once counted
     flops_error: str = ""  # why the graph's FLOPs could not be counted
     config: dict = field(default_factory=dict)
+    # "torch.compile": a graph the draftopt backend compiled; "diffusers backend": the attention calls that
+    # diffusers' dispatcher sent to draftopt's attention backend for one model (no graph, no op counts);
+    # "onnx export": the ATen graph of draftopt.export_program / export_onnx.
+    source: str = "torch.compile"
+    onnx_nodes: dict = field(default_factory=dict)  # export_onnx: site name -> its ONNX node's name
     count_flops: Callable[[], int] | None = field(default=None, repr=False, compare=False)
 
     def graph_flops(self) -> int | None:
@@ -116,6 +122,12 @@ def site_flops(s: SiteRecord) -> tuple[int | None, int | None]:
     return dense, attend + draft_map
 
 
+# The site table's "source" column: how the site reached draftopt.
+_SOURCES = {"torch.compile": "graph", "diffusers backend": "diffusers", "onnx export": "export"}
+# Sources that are a rewritten graph (op counts, code diff, FLOPs).
+_GRAPH_SOURCES = ("torch.compile", "onnx export")
+
+
 def _gflop(x) -> str:
     return "-" if x is None else f"{x / 1e9:.3f}"
 
@@ -159,10 +171,11 @@ class Report:
             if d is not None:
                 dense += d
                 sparse += d if sp is None else sp
-        graph_total = [g.graph_flops() for g in self.graphs]
+        compiled = [g for g in self.graphs if g.source in _GRAPH_SOURCES]
+        graph_total = [g.graph_flops() for g in compiled]
         total = sum(graph_total) if graph_total and None not in graph_total else None
         return {
-            "graphs": len(self.graphs), "sites": len(self.sites),
+            "graphs": len(compiled), "backend_models": len(self.graphs) - len(compiled), "sites": len(self.sites),
             "rewritten": len(self.rewritten), "skipped": len(self.skipped),
             "attention_flops_dense": dense, "attention_flops_sparse": sparse,
             "attention_flops_saved": 1 - sparse / dense if dense else 0.0,
@@ -177,29 +190,41 @@ class Report:
         nb, na = sum(g.counts_before.values()), sum(g.counts_after.values())
         return rows + [["(all ops)", nb, na, f"{na - nb:+d}"]]
 
+    def _onnx_nodes(self) -> bool:
+        """Whether a graph was exported to ONNX: the site table gets an "onnx node" column."""
+        return any(g.onnx_nodes for g in self.graphs)
+
     def _site_rows(self) -> list[list]:
-        rows = []
+        rows, onnx = [], self._onnx_nodes()
         for g in self.graphs:
             for s in g.sites:
                 d, sp = site_flops(s)
                 grid = "x".join(map(str, s.grid)) if s.grid else "-"
                 text = f"{s.text_len}@{s.text_position}" if s.text_len else ("0" if s.text_len == 0 else "-")
+                mask = s.mask_form or ("other" if s.has_mask else "-")
                 rows.append([
-                    g.index, s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",
+                    g.index, _SOURCES.get(g.source, g.source), s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",
                     s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
                     "x".join(map(str, s.tile)) if s.tile else "-", s.n_tiles if s.n_tiles is not None else "-", text,
-                    s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
+                    mask, s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
                     s.parallel or "-", s.plan, s.status, s.reason or "-",
                 ])
+                if onnx:  # next to the site's name
+                    rows[-1].insert(3, g.onnx_nodes.get(s.name, "-"))
         return rows
 
-    _SITE_HEADERS = ["graph", "site", "kind", "q BxHxLxD", "kv L", "grid", "tile", "S", "text", "policy",
-                     "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "kernel", "status", "reason"]
+    def _site_headers(self) -> list[str]:
+        headers = list(self._SITE_HEADERS)
+        return headers[:3] + ["onnx node"] + headers[3:] if self._onnx_nodes() else headers
+
+    _SITE_HEADERS = ["graph", "source", "site", "kind", "q BxHxLxD", "kv L", "grid", "tile", "S", "text", "mask",
+                     "policy", "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "kernel", "status", "reason"]
     _OP_HEADERS = ["op", "before", "after", "change"]
 
     def _summary_lines(self) -> list[str]:
         t = self.totals()
-        lines = [f"{t['graphs']} graph(s), {t['sites']} attention site(s): {t['rewritten']} rewritten, "
+        backend = f" + {t['backend_models']} model(s) through the diffusers backend" if t["backend_models"] else ""
+        lines = [f"{t['graphs']} graph(s){backend}, {t['sites']} attention site(s): {t['rewritten']} rewritten, "
                  f"{t['skipped']} skipped"]
         if t["attention_flops_dense"]:
             lines.append(f"attention: {_gflop(t['attention_flops_dense'])} GFLOP dense -> "
@@ -221,11 +246,41 @@ class Report:
             return "draftopt report: no graph compiled yet (the model compiles on its first call)"
         h1, h2 = ("# ", "## ") if fmt == "md" else ("", "")
         out = [f"{h1}draftopt report", "", *self._summary_lines(), "", f"{h2}Attention sites", "",
-               tabulate(self._site_rows(), headers=self._SITE_HEADERS, tablefmt=tablefmt)]
+               tabulate(self._site_rows(), headers=self._site_headers(), tablefmt=tablefmt)]
+        captured = self._captured_rows()
+        if captured:
+            out += ["", f"{h2}Captured masks (capture_masks=True; over heads, all calls)", "",
+                    tabulate(captured, headers=self._CAPTURED_HEADERS, tablefmt=tablefmt)]
         for g in self.graphs:
-            out += ["", f"{h2}Graph {g.index}: ops changed by the rewrite", "",
-                    tabulate(self._op_rows(g), headers=self._OP_HEADERS, tablefmt=tablefmt)]
+            if g.source in _GRAPH_SOURCES:  # the diffusers backend changes no graph
+                out += ["", f"{h2}Graph {g.index}: ops changed by the rewrite", "",
+                        tabulate(self._op_rows(g), headers=self._OP_HEADERS, tablefmt=tablefmt)]
         return "\n".join(out)
+
+    _CAPTURED_HEADERS = ["site", "calls", "policy", "kept fraction min / mean / max",
+                         "estimated error min / mean / max", "heads widened by the guard"]
+
+    def _captured_rows(self) -> list[list]:
+        """Per rewritten site with captured masks: what each head kept and the draft's estimate of the
+        attention mass it dropped (DraftBlockMask.kept_fraction / estimated_error / widened)."""
+        from .kernels import captured_masks
+
+        store, rows = captured_masks(), []
+        for name in dict.fromkeys(s.name for s in self.rewritten):
+            masks = store.get(name)
+            if not masks:
+                continue
+            kept = torch.cat([m.kept_fraction().flatten().cpu() for m in masks])
+            errors = [m.estimated_error() for m in masks]
+            err = torch.cat([e.flatten().cpu() for e in errors]) if all(e is not None for e in errors) else None
+            widened = sum(int(m.widened().sum()) for m in masks)
+            heads = sum(m.kv_cnt.shape[0] * m.kv_cnt.shape[1] for m in masks)
+
+            def spread(x):
+                return "-" if x is None else f"{x.min():.3f} / {x.mean():.3f} / {x.max():.3f}"
+
+            rows.append([name, len(masks), masks[0].policy, spread(kept), spread(err), f"{widened} of {heads}"])
+        return rows
 
     def __str__(self) -> str:
         return self.render("text")
@@ -273,9 +328,11 @@ class Report:
             diff_lines.append(f'<span class="{cls}">{html.escape(line)}</span>')
         body = ["<h1>draftopt report</h1>", "<ul>" + "".join(f"<li>{html.escape(s)}</li>"
                                                              for s in self._summary_lines()) + "</ul>",
-                "<h2>Attention sites</h2>", table(self._site_rows(), self._SITE_HEADERS)]
+                "<h2>Attention sites</h2>", table(self._site_rows(), self._site_headers())]
         for g in self.graphs:
-            body += [f"<h2>Graph {g.index}: ops changed by the rewrite</h2>", table(self._op_rows(g), self._OP_HEADERS)]
+            if g.source in _GRAPH_SOURCES:
+                body += [f"<h2>Graph {g.index}: ops changed by the rewrite</h2>",
+                         table(self._op_rows(g), self._OP_HEADERS)]
         body += ["<h2>Code diff</h2>", "<pre>" + "\n".join(diff_lines) + "</pre>"]
         return _HTML_PAGE.format(body="\n".join(body))
 

@@ -205,3 +205,15 @@ def test_op_refuses_the_gluon_backend_on_a_cpu_tensor(op):
     with pytest.raises(ValueError, match=r"backend 'gluon_sm90' cannot run this call: not a CUDA tensor \(cpu\); "
                                          r"use backend='triton' or let draftopt plan it"):
         call_op(op, args, "gluon_sm90")
+
+
+@pytest.mark.parametrize("op", ["block_sparse_attention", "tiled_attention"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_v_reaches_the_same_entries_on_every_backend(device, op, value):
+    """A NaN or Inf in v: the PyTorch path (CPU, oracle) and the Triton kernel make the same entries
+    non-finite, those of the rows whose kept blocks hold it (a skipped block is never read)."""
+    args = list(small_case(device, op == "block_sparse_attention"))
+    args[2][0, 1, 5, 3] = value
+    outs = [call_op(op, args, backend) for backend in ("torch", "triton")]
+    assert outs[0].isfinite().logical_not().any() and outs[0].isfinite().any()
+    assert torch.equal(outs[0].isnan(), outs[1].isnan()) and torch.equal(outs[0].isinf(), outs[1].isinf())

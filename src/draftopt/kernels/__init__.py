@@ -9,6 +9,8 @@ op                                              stage
 ==============================================  ==========================================
 ``torch.ops.draftopt.tile_pool``                1 pool q / k over each tile
 ``torch.ops.draftopt.draft_map``                2 softmax(q_pool k_pool^T * scale)
+``torch.ops.draftopt.tile_moments``             1 tile means and spreads (policy "mass")
+``torch.ops.draftopt.block_mass``               2 estimated attention mass per tile pair
 ``torch.ops.draftopt.select_blocks``            2 draft map -> kv_idx, kv_cnt (policy)
 ``torch.ops.draftopt.permute_tiles``            3 tokens -> tile-major, padded
 ``torch.ops.draftopt.key_bias``                 4 key padding mask -> tile-major bias
@@ -27,21 +29,22 @@ kernel runs a site), ``geometry.py`` (token layout), ``sparsity.py`` (policies).
 
 from .block_mask import DraftBlockMask
 from .dispatch import AttentionPlan, Backend, plan
-from .draft_attention import draft_attention
+from .draft_attention import draft_attention, score_map
 from .geometry import Geometry
 from .ops.attention import block_sparse_attention, tiled_attention
 from .ops.attention_sm90 import _attend_sm90_op  # noqa: F401  (registers draftopt::attend_sm90*)
+from .ops.block_mass import block_mass
 from .ops.draft_map import draft_map
 from .ops.key_bias import check_key_padding_mask, key_padding_bias, needs_visual_bias, permuted_key_bias
 from .ops.permute import permute_tiles, unpermute_tiles
-from .ops.pool import tile_pool
+from .ops.pool import tile_moments, tile_pool
 from .ops.record_mask import captured_masks
 from .ops.select import select_blocks
 from .sparsity import POLICIES
 
 __all__ = [
     "AttentionPlan", "Backend", "DraftBlockMask", "Geometry", "POLICIES",
-    "block_sparse_attention", "captured_masks", "check_key_padding_mask", "draft_attention", "draft_map",
-    "key_padding_bias", "needs_visual_bias", "permute_tiles", "permuted_key_bias", "plan", "select_blocks",
-    "tile_pool", "tiled_attention", "unpermute_tiles",
+    "block_mass", "block_sparse_attention", "captured_masks", "check_key_padding_mask", "draft_attention", "draft_map",
+    "key_padding_bias", "needs_visual_bias", "permute_tiles", "permuted_key_bias", "plan", "score_map", "select_blocks",
+    "tile_moments", "tile_pool", "tiled_attention", "unpermute_tiles",
 ]

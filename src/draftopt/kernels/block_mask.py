@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .geometry import Geometry, original_to_permuted_index
+from .sparsity import expected_kept_tiles
 
 
 def indices_to_dense(kv_idx: torch.Tensor, kv_cnt: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class DraftBlockMask:
     kv_idx: torch.Tensor
     kv_cnt: torch.Tensor
     geometry: Geometry
-    policy: str = "percentile"
+    policy: str = "mass"
     requested_sparsity: float = 0.0
     draft_map: torch.Tensor | None = None  # [B, heads, S, S] float32, when kept
 
@@ -51,6 +52,25 @@ class DraftBlockMask:
 
     def density(self) -> float:
         return 1.0 - self.sparsity()
+
+    def kept_fraction(self) -> torch.Tensor:
+        """[B, heads]: the fraction of visual tile pairs each head computes."""
+        S = self.shape[-1]
+        return self.kv_cnt.sum(-1).double() / (S * S)
+
+    def estimated_error(self) -> torch.Tensor | None:
+        """[B, heads]: the share of the map's mass (the draft's estimate of attention mass) outside the
+        kept pairs; None when the map was not kept."""
+        if self.draft_map is None:
+            return None
+        P = self.draft_map.double()
+        return 1.0 - (P * self.to_dense()).sum(dim=(-2, -1)) / P.sum(dim=(-2, -1))
+
+    def widened(self) -> torch.Tensor:
+        """Bool [B, heads]: heads that keep more pairs than the policy's count (the guard widened them)."""
+        S = self.shape[-1]
+        budget = expected_kept_tiles(self.policy, self.requested_sparsity, S) + S  # + the diagonal at most
+        return self.kv_cnt.sum(-1) > budget
 
     def to_token_mask(self) -> torch.Tensor:
         """Boolean [B, heads, L, L] in the original token order (text rows and columns dense)."""

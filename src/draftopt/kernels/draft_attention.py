@@ -19,12 +19,20 @@ from .block_mask import DraftBlockMask
 from .dispatch import plan
 from .geometry import Geometry
 from .ops.attention import block_sparse_attention, tiled_attention
+from .ops.block_mass import block_mass
 from .ops.draft_map import draft_map
 from .ops.key_bias import needs_visual_bias, permuted_key_bias
 from .ops.permute import permute_tiles, unpermute_tiles
-from .ops.pool import tile_pool
+from .ops.pool import tile_moments, tile_pool
 from .ops.select import select_blocks
 from .sparsity import check_selection_args, dense_indices
+
+
+def score_map(q: torch.Tensor, k: torch.Tensor, geom: Geometry, scale: float, policy: str) -> torch.Tensor:
+    """The map a policy ranks: the estimated block mass for "mass", else the paper's draft map."""
+    if policy == "mass":
+        return block_mass(*tile_moments(q, geom), *tile_moments(k, geom), geom, scale)
+    return draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
 
 
 def draft_attention(
@@ -37,7 +45,7 @@ def draft_attention(
     text_len: int | None = None,
     text_position: str = "end",
     sparsity: float = 0.9,
-    policy: str = "percentile",
+    policy: str = "mass",
     cdf_threshold: float = 0.9,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -52,7 +60,7 @@ def draft_attention(
         text_len: text tokens in L (default 0: the grid must explain the whole sequence).
         text_position: "start" or "end".
         sparsity: fraction of visual tile pairs to skip, in [0, 1).
-        policy: "percentile", "topk" or "cdf" (see ``sparsity.py``).
+        policy: "mass" (default), "percentile" (the paper), "topk" or "cdf" (see ``sparsity.py``).
         cdf_threshold: draft mass a query tile must cover, for "cdf".
         attn_mask: optional key padding mask (bool: True = attend, or additive).
         scale: softmax scale (default 1/sqrt(D)).
@@ -93,7 +101,7 @@ def draft_attention(
     if sparsity == 0.0:
         kv_idx, kv_cnt = dense_indices(B, H, geom.n_tiles, q.device)
     else:
-        P = draft_map(tile_pool(q, geom), tile_pool(k, geom), scale)
+        P = score_map(q, k, geom, scale, policy)
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
     bias = permuted_key_bias(attn_mask, B, H, geom, q.device)

@@ -3,6 +3,10 @@
 A policy turns a draft map P [B, heads, S, S] into the set of (query tile, key
 tile) pairs to compute:
 
+- ``"mass"`` (the default): per (batch, head) keep the ``keep_count(s, S*S)``
+  pairs of largest *estimated attention mass* (ops/block_mass.py: the draft
+  logit corrected for tile sizes and for the spread of q and k in a tile);
+  the map it ranks is ``block_mass``, not the draft map.
 - ``"percentile"`` (the paper): per (batch, head) keep the ``keep_count(s, S*S)``
   largest entries of P (its (1 - s) upper fraction).
 - ``"topk"``: each query tile keeps its ``keep_count(s, S)`` best key tiles
@@ -22,7 +26,9 @@ import numbers
 
 import torch
 
-POLICIES = ("percentile", "topk", "cdf")
+POLICIES = ("mass", "percentile", "topk", "cdf")
+# Policies that rank each head's whole map (one count per head) rather than each row.
+GLOBAL_POLICIES = ("mass", "percentile")
 
 
 def as_number(x):
@@ -63,7 +69,7 @@ def expected_kept_tiles(policy: str, sparsity: float, S: int) -> int:
     """Visual (query tile, key tile) pairs the policy keeps (cdf: its budget, an upper bound)."""
     if sparsity == 0.0:
         return S * S
-    if policy == "percentile":
+    if policy in GLOBAL_POLICIES:
         return keep_count(sparsity, S * S)
     return S * keep_count(sparsity, S)
 
@@ -116,3 +122,38 @@ def dense_indices(B: int, H: int, S: int, device) -> tuple[torch.Tensor, torch.T
     """(kv_idx, kv_cnt) that keep every tile: what any policy selects at sparsity 0."""
     idx = torch.arange(S, dtype=torch.int32, device=device).expand(B, H, S, S).contiguous()
     return idx, torch.full((B, H, S), S, dtype=torch.int32, device=device)
+
+
+def guarded_keep(P: torch.Tensor, sparsity: torch.Tensor | float, max_error: torch.Tensor | float) -> torch.Tensor:
+    """Boolean [B, heads, S, S] of a global policy with run-time arguments and the quality guard.
+
+    Per (batch, head): the ``keep_count(s, S*S)`` largest entries of P (ties at the threshold all stay),
+    widened, where they hold less than ``1 - max_error`` of the head's map mass, to the fewest largest
+    entries that hold it; plus the diagonal. ``sparsity`` and ``max_error`` may be 0-d device tensors
+    (read on the device: no host sync, so they can change between CUDA-graph replays); max_error 1
+    turns the guard off.
+    """
+    B, H, S, _ = P.shape
+    n = S * S
+    flat = P.reshape(B, H, n)
+    vals = flat.sort(dim=-1, descending=True).values
+    if isinstance(sparsity, torch.Tensor):  # read on the device; a gather, for indexing by a tensor would sync
+        # a float32 control tensor holds 0.9 as 0.89999998: back to 6 decimals, so the count is keep_count's
+        s = torch.round(sparsity.to(torch.float64) * 1e6) / 1e6
+        k = torch.ceil(torch.round((1.0 - s) * n, decimals=6)).clamp(1, n).long()
+        thr_count = vals.gather(-1, (k - 1).expand(B, H, 1))[..., 0]
+    else:  # Python numbers stay on the host: no host-to-device copy (CUDA-graph capture refuses those)
+        thr_count = vals[..., keep_count(sparsity, n) - 1]
+    cum = vals.to(torch.float64).cumsum(dim=-1)
+    keep_share = 1.0 - (max_error.to(torch.float64) if isinstance(max_error, torch.Tensor) else float(max_error))
+    j = torch.searchsorted(cum, (keep_share * cum[..., -1:]).contiguous()).clamp(max=n - 1)
+    thr_mass = vals.gather(-1, j)[..., 0]
+    thr = torch.minimum(thr_count, thr_mass)
+    return with_diagonal(flat.ge(thr[..., None]).reshape(B, H, S, S))
+
+
+def estimated_error(P: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, heads]: the fraction of each head's map mass outside the kept pairs (the guard's estimate of
+    the attention mass that sparse attention drops)."""
+    total = P.sum(dim=(-2, -1))
+    return 1.0 - (P * keep).sum(dim=(-2, -1)) / total

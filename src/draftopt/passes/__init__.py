@@ -7,11 +7,11 @@
 """
 
 from .config import COMPILERS, MIN_TOKENS, DraftConfig
-from .draft_attention_pass import DraftAttentionPass, SitePlan, SiteRecord
+from .draft_attention_pass import DraftAttentionPass, ModelContext, SitePlan, SiteRecord
 from .infer_geometry import grid_sources, text_position_from_graph
 from .sites import AttentionSite, find_attention_sites, module_path
 
 __all__ = [
-    "AttentionSite", "COMPILERS", "DraftAttentionPass", "DraftConfig", "MIN_TOKENS", "SitePlan", "SiteRecord",
+    "AttentionSite", "COMPILERS", "DraftAttentionPass", "DraftConfig", "MIN_TOKENS", "ModelContext", "SitePlan", "SiteRecord",
     "find_attention_sites", "grid_sources", "module_path", "text_position_from_graph",
 ]

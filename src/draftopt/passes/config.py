@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass
 
 from ..kernels.geometry import TEXT_POSITIONS, Geometry
-from ..kernels.sparsity import POLICIES, check_selection_args
+from ..kernels.sparsity import GLOBAL_POLICIES, POLICIES, as_number, check_selection_args
 
 # Sites with fewer visual tokens stay dense: below this the pipeline's fixed
 # cost (pool, map, select, permutes) outweighs the attention it skips
@@ -41,7 +41,8 @@ class DraftConfig:
             None: read the grid off the graph's patch embedding.
         patch_size: patch size (int or (pt, ph, pw)); None: the patch embedding's stride.
         tile: tokens per tile (th, tw); th * tw is one kernel block (power of two, 16..256).
-        policy: "percentile" (the paper), "topk" or "cdf".
+        policy: "mass" (each head's pairs of largest estimated attention mass, the default),
+            "percentile" (the paper's rule), "topk" or "cdf" (see ``draftopt.kernels.sparsity``).
         cdf_threshold: draft-map mass each query tile must cover (policy "cdf").
         text_len: text tokens per sequence; None: sequence length minus the grid.
         text_position: "start", "end" or "auto" (follow q back to the concatenation).
@@ -58,6 +59,14 @@ class DraftConfig:
             permute / attention / unpermute ops.
         strict: raise instead of warning when a video self-attention site stays dense
             (a geometry that explains no site, too few tokens, dynamic shapes, ...).
+        max_error: the quality guard, in (0, 1): per (batch, head), where the kept pairs hold less
+            than ``1 - max_error`` of the map's estimated attention mass, keep more pairs (up to
+            dense) until they do. On the device, no host sync. None: off. Policies "mass" and
+            "percentile".
+        runtime_sparsity: read sparsity and max_error from a device tensor at run time, so
+            ``draftopt.set_sparsity`` / ``draftopt.SparsitySchedule`` change them between
+            denoising steps without recompiling (``draftopt.optimize`` only; selection by sort:
+            slower than the fixed-sparsity radix select, see BENCHMARKS.md).
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -72,7 +81,7 @@ class DraftConfig:
     latent_shape: tuple | None = None
     patch_size: int | tuple | None = None
     tile: tuple = (8, 16)
-    policy: str = "percentile"
+    policy: str = "mass"
     cdf_threshold: float = 0.9
     text_len: int | None = None
     text_position: str = "auto"
@@ -83,6 +92,8 @@ class DraftConfig:
     capture_masks: bool = False
     fuse_permute: bool = True
     strict: bool = False
+    max_error: float | None = None
+    runtime_sparsity: bool = False
 
     def __post_init__(self):
         # numpy scalars and one-element tensors count as numbers
@@ -100,7 +111,8 @@ class DraftConfig:
             if shape is None or len(shape) not in (1, 2, 3) or min(shape) <= 0:
                 raise ValueError(f"patch_size must be an int or (pt, ph, pw) of positive ints, got {p!r}")
             object.__setattr__(self, "patch_size", shape[0] if len(shape) == 1 else shape)
-        for name in ("enabled", "capture_masks", "fuse_permute", "strict"):
+        self._check_guard()
+        for name in ("enabled", "capture_masks", "fuse_permute", "strict", "runtime_sparsity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "tile", tuple(self.tile))
@@ -115,6 +127,17 @@ class DraftConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
+
+    def _check_guard(self):
+        if self.max_error is not None:
+            e = as_number(self.max_error)
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 < e < 1.0:
+                raise ValueError(f"max_error must be None or a number in (0, 1), got {self.max_error!r}")
+            object.__setattr__(self, "max_error", float(e))
+        if (self.max_error is not None or self.runtime_sparsity is True) and self.policy not in GLOBAL_POLICIES:
+            what = "max_error" if self.max_error is not None else "runtime_sparsity"
+            raise ValueError(f"{what} needs a policy that ranks each head's whole map {GLOBAL_POLICIES}, "
+                             f"got policy={self.policy!r}")
 
     @classmethod
     def from_options(cls, options=None, **overrides) -> "DraftConfig":

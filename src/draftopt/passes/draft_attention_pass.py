@@ -1,13 +1,17 @@
 """The draft-attention rewrite: each eligible site becomes five stages of ops.
 
-    q, k  -> draftopt.tile_pool -> draftopt.draft_map -> draftopt.select_blocks -> kv_idx, kv_cnt
+    q, k  -> draftopt.tile_moments -> draftopt.block_mass -> draftopt.select_blocks -> kv_idx, kv_cnt
+             (policy "mass"; the others: draftopt.tile_pool -> draftopt.draft_map)
     mask  -> draftopt.key_bias
     q,k,v -> draftopt.tiled_attention                    (stages 3-5 fused, where the plan says so)
           or draftopt.permute_tiles -> draftopt.block_sparse_attention -> draftopt.unpermute_tiles
 
 A site the pass cannot handle exactly (cross-attention, causal, dropout, a
-per-query mask, a sequence length the geometry does not explain, dynamic
-shapes, ...) is left as it was and recorded with the reason. For the others
+per-query mask other than the outer product of one padding vector, a sequence
+length the geometry does not explain, dynamic shapes, ...) is left as it was
+and recorded with the reason. A mask proven to be ``m[..., :, None] &
+m[..., None, :]`` (HunyuanVideo 1.5; passes/masks.py) is taken as key padding
+``m``, and the query rows it hides entirely get what SDPA gives them. For the others
 ``_plan`` returns a ``SitePlan``: the geometry, the scale and the attention
 kernel that ``draftopt.kernels.plan`` chose (recorded in the report). The pass
 inserts the ops by their ``torch.ops.draftopt`` names.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -27,6 +32,7 @@ from ..kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from ..kernels.dispatch import describe
 from .config import DraftConfig
 from .infer_geometry import grid_sources, is_static, n_tokens, text_position_from_graph
+from .masks import OuterProductMask, masked_row_value, outer_product_mask
 from .parallel import context_parallel_kind, graph_has_collectives
 from .sites import AttentionSite, default_scale, example_value, find_attention_sites
 
@@ -55,6 +61,7 @@ class SiteRecord:
     sparsity: float | None = None
     policy: str | None = None
     has_mask: bool = False
+    mask_form: str = ""  # "key padding" or "query x key padding" (an outer product) for a rewritten mask
     parallel: str = ""  # "ulysses" when the rank's q/k/v arrive through all-to-alls
     kernel: str = ""  # the attention backend the plan chose ("gluon_sm90", "triton", "torch")
     fused: bool = False  # permute, attention and unpermute in one op
@@ -83,6 +90,10 @@ class SitePlan:
     attention: AttentionPlan
     visual_bias: bool  # the key bias can be nonzero on visual key tiles
     facts: dict  # what the report records (shapes, grid, text, ...)
+    # An outer-product mask: its vector is the key padding, and the query rows it hides get ``masked_rows``
+    # ("zero", "nan", "mean_v": what SDPA gives a row that attends to nothing on this device).
+    query_mask: OuterProductMask | None = None
+    masked_rows: str | None = None
 
 
 class _Skip(Exception):
@@ -90,6 +101,17 @@ class _Skip(Exception):
         super().__init__(reason)
         self.facts = facts
         self.candidate = candidate
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What ``draftopt.optimize`` knows about the model beyond the graph."""
+
+    # model.config's patch size: used with latent_shape when neither patch_size nor a patch convolution in
+    # the graph says (Linear patch embeddings, regional graphs).
+    patch: tuple | None = None
+    # The RuntimeControl (kernels/control.py) the selection reads with runtime_sparsity; -1: none.
+    control_key: int = -1
 
 
 @dataclass
@@ -103,15 +125,13 @@ class DraftAttentionPass:
     """
 
     config: DraftConfig
-    # The patch size the model's config gives (draftopt.optimize reads it): used with latent_shape when
-    # neither patch_size nor a patch convolution in the graph says (Linear patch embeddings, regional graphs).
-    model_patch: tuple | None = None
+    context: ModelContext = field(default_factory=lambda: ModelContext())
     counters: dict = field(default_factory=lambda: {"found": 0, "rewritten": 0, "skipped": 0})
 
     def __call__(self, gm: fx.GraphModule, example_inputs=None) -> list[SiteRecord]:
         cfg = self.config
         sites = find_attention_sites(gm.graph)
-        sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size, self.model_patch) if sites else []
+        sources = grid_sources(gm.graph, cfg.latent_shape, cfg.patch_size, self.context.patch) if sites else []
         parallel = graph_has_collectives(gm.graph)
         records, dense_left = [], cfg.dense_layers
         for site in sites:
@@ -129,7 +149,7 @@ class DraftAttentionPass:
                 self.counters["skipped"] += 1
                 log.info("draftopt: skipped %s: %s", site.name, why)
                 continue
-            _rewrite(gm.graph, site, site_plan, cfg)
+            _rewrite(gm.graph, site, site_plan, cfg, self.context.control_key)
             att = site_plan.attention
             records.append(SiteRecord(site.name, site.kind, "rewritten", node=site.node.name, kernel=att.backend.value,
                                       fused=att.fused, in_place=att.in_place, kernel_reason=att.reason,
@@ -182,14 +202,10 @@ class DraftAttentionPass:
         if site.scale is not None and not isinstance(site.scale, (int, float)):
             raise skip("scale is not a constant")
         facts["has_mask"] = site.mask is not None
+        query_mask = masked_rows = None
         if site.mask is not None:
-            m = example_value(site.mask)
-            if m is None or not is_static(m.shape):
-                raise skip("attention mask without a static shape")
-            try:
-                check_key_padding_mask(tuple(m.shape), B, H, L)
-            except ValueError as e:
-                raise skip(str(e)) from None
+            query_mask, masked_rows = self._mask_form(site, q, facts, skip)
+        N = n_tokens(grid)
         N = n_tokens(grid)
         text_len = L - N if cfg.text_len is None else cfg.text_len
         if N + text_len != L:
@@ -210,7 +226,34 @@ class DraftAttentionPass:
         facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
         attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
-        return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts)
+        return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts, query_mask,
+                        masked_rows)
+
+    def _mask_form(self, site: AttentionSite, q, facts: dict, skip):
+        """(None, None) for a key padding mask; (the outer product's vector, the masked rows' value) for
+        ``m[..., :, None] & m[..., None, :]``; else _Skip with the reason."""
+        B, H, L, D = q.shape
+        m = example_value(site.mask)
+        if m is None or not is_static(m.shape):
+            raise skip("attention mask without a static shape")
+        try:
+            check_key_padding_mask(tuple(m.shape), B, H, L)
+        except ValueError:
+            outer = outer_product_mask(site.mask, B, H, L) if site.kind == "sdpa" else None
+            if outer is None:
+                raise skip(f"attn_mask of shape {tuple(m.shape)} is not a key padding mask (query dimension 1, "
+                           "e.g. [B, 1, 1, L]) nor proven by the graph to be the outer product of one padding "
+                           "vector (m[:, None, :, None] & m[:, None, None, :]): draftopt cannot sparsify "
+                           "attention with another per-query mask") from None
+            rows = masked_row_value(q.device, q.dtype, D)
+            if rows is None:
+                raise skip(f"query x key padding mask, but scaled_dot_product_attention on {q.device.type} "
+                           f"{str(q.dtype).replace('torch.', '')} gives a fully masked query row neither 0, NaN "
+                           "nor the mean of v: nothing to reproduce it with") from None
+            facts["mask_form"] = "query x key padding"
+            return outer, rows
+        facts["mask_form"] = "key padding"
+        return None, None
 
 
 def _plain(shape) -> tuple:
@@ -234,13 +277,10 @@ def _grid_for(L: int, B: int, sources, facts: dict):
     raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts, bool(not tried))
 
 
-def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: DraftConfig) -> None:
+def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: DraftConfig, control_key: int = -1) -> None:
     """Insert the five stages before the site and route its users to the result."""
-    ops = torch.ops.draftopt
-    geom, scale, att = site_plan.geometry, site_plan.scale, site_plan.attention
     q_val = example_value(site.q)
     B, H, _, _ = q_val.shape
-    g = geom.op_args()
     new_nodes = []
 
     def call(target, *args):
@@ -248,25 +288,19 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: Dra
         new_nodes.append(n)
         return n
 
+    def method(name, *args):
+        n = graph.call_method(name, args)
+        new_nodes.append(n)
+        return n
+
     with graph.inserting_before(site.node):
-        q_pool = call(ops.tile_pool.default, site.q, *g)
-        k_pool = call(ops.tile_pool.default, site.k, *g)
-        draft = call(ops.draft_map.default, q_pool, k_pool, scale)
-        sel = call(ops.select_blocks.default, draft, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold))
-        kv_idx, kv_cnt = call(operator.getitem, sel, 0), call(operator.getitem, sel, 1)
-        if cfg.capture_masks:  # on the data path, so no compiler drops it
-            kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, site.name, *g, cfg.policy,
-                          float(cfg.sparsity))
-        bias = call(ops.key_bias.default, site.mask, B, H, *g, q_val.device)
-        backend = att.backend.value
-        if att.fused:
-            result = call(ops.tiled_attention.default, site.q, site.k, site.v, kv_idx, kv_cnt, bias, scale, *g,
-                          site_plan.visual_bias, backend)
-        else:
-            qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (site.q, site.k, site.v))
-            out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, scale,
-                       geom.block, geom.n_text_blocks, site_plan.visual_bias, backend)
-            result = call(ops.unpermute_tiles.default, out, *g)
+        mask = site.mask
+        if site_plan.query_mask is not None:
+            mask = _key_padding_vector(method, site_plan.query_mask, example_value(site.q).shape[2])
+        args = StageArgs.of(site_plan, cfg, site.name, control_key)
+        result = stages(call, site.q, site.k, site.v, mask, B, H, q_val.device, args)
+        if site_plan.query_mask is not None:
+            result = _fill_masked_rows(call, method, result, mask, site.v, site_plan.masked_rows)
     for n in new_nodes:
         n.meta.update({key: site.node.meta[key] for key in _COPIED_META if key in site.node.meta})
         n.meta["draftopt_site"] = site.name
@@ -274,10 +308,96 @@ def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: Dra
         result = _cast_like(graph, result, site.node)
     site.node.replace_all_uses_with(result)
     pending = [site.node, *site.extra_nodes]  # the replaced chain: erase what nothing reads any more
+    if site_plan.query_mask is not None:
+        pending += site_plan.query_mask.nodes  # the [B, 1, L, L] mask, now unused
     while any(not n.users for n in pending):
         for n in [n for n in pending if not n.users]:
             graph.erase_node(n)
             pending.remove(n)
+
+
+class StageArgs(NamedTuple):
+    """What the five stages take besides tensors, all plain constants (the diffusers backend gets them from a
+    function that Dynamo runs at trace time, so they must be constants to it)."""
+
+    geometry: tuple  # Geometry.op_args(): (T, H, W, th, tw, text_len, text_first)
+    block: int
+    n_text_blocks: int
+    scale: float
+    backend: str  # the attention kernel the plan chose
+    fused: bool
+    visual_bias: bool
+    sparsity: float
+    policy: str
+    cdf_threshold: float
+    capture_masks: bool
+    site: str
+    max_error: float | None = None  # the quality guard's bound (None: off)
+    control_key: int = -1  # the RuntimeControl the selection reads (runtime_sparsity); -1: none
+
+    @classmethod
+    def of(cls, site_plan: SitePlan, cfg: DraftConfig, site: str, control_key: int = -1) -> "StageArgs":
+        geom, att = site_plan.geometry, site_plan.attention
+        return cls(geom.op_args(), geom.block, geom.n_text_blocks, site_plan.scale, att.backend.value, att.fused,
+                   site_plan.visual_bias, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold),
+                   cfg.capture_masks, site, cfg.max_error, control_key)
+
+
+def stages(call, q, k, v, mask, B: int, H: int, device, a: StageArgs):
+    """The five stages over q, k, v [B, heads, L, D]: ``call(op, *args)`` inserts a node (the pass) or runs the
+    op (the diffusers backend), so both entry points run the same ops with the same arguments."""
+    ops = torch.ops.draftopt
+    g = a.geometry
+    draft = _score_map(call, q, k, g, a.scale, a.policy)
+    if a.max_error is not None or a.control_key >= 0:  # the guard, or run-time values: the sort selection
+        max_error = 1.0 if a.max_error is None else a.max_error
+        sel = call(ops.select_blocks_guarded.default, draft, a.sparsity, max_error, a.control_key)
+    else:
+        sel = call(ops.select_blocks.default, draft, a.sparsity, a.policy, a.cdf_threshold)
+    kv_idx, kv_cnt = call(operator.getitem, sel, 0), call(operator.getitem, sel, 1)
+    if a.capture_masks:  # on the data path, so no compiler drops it
+        kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, a.site, *g, a.policy, a.sparsity)
+    bias = call(ops.key_bias.default, mask, B, H, *g, device)
+    if a.fused:
+        return call(ops.tiled_attention.default, q, k, v, kv_idx, kv_cnt, bias, a.scale, *g, a.visual_bias,
+                    a.backend)
+    qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (q, k, v))
+    out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, a.scale, a.block,
+               a.n_text_blocks, a.visual_bias, a.backend)
+    return call(ops.unpermute_tiles.default, out, *g)
+
+
+def _score_map(call, q, k, g: tuple, scale: float, policy: str):
+    """The map the policy ranks (kernels.score_map, as ``call``s): block mass for "mass", else the draft map."""
+    ops = torch.ops.draftopt
+    if policy == "mass":
+        q_mom, k_mom = call(ops.tile_moments.default, q, *g), call(ops.tile_moments.default, k, *g)
+        moments = [call(operator.getitem, m, i) for m in (q_mom, k_mom) for i in (0, 1)]
+        return call(ops.block_mass.default, *moments, *g, scale)
+    q_pool, k_pool = call(ops.tile_pool.default, q, *g), call(ops.tile_pool.default, k, *g)
+    return call(ops.draft_map.default, q_pool, k_pool, scale)
+
+
+def _key_padding_vector(method, outer: OuterProductMask, L: int):
+    """The outer product's vector as a bool key padding mask [B or 1, heads or 1, 1, L]."""
+    vector = example_value(outer.vector)
+    b, h, s = outer.axes
+    named = [d for d in (b, h, s) if d is not None]
+    order = named + [i for i in range(vector.dim()) if i not in named]  # the rest are size-1 axes
+    x = outer.vector if order == list(range(vector.dim())) else method("permute", outer.vector, order)
+    x = method("reshape", x, (outer.batch, outer.heads, 1, L))
+    return x if vector.dtype == torch.bool else method("to", x, torch.bool)  # logical_and: truth values
+
+
+def _fill_masked_rows(call, method, result, key_mask, v, value: str):
+    """Query rows the mask hides entirely get what SDPA gives them (``masked_row_value``); the kernel computed
+    them as key padding only. A where, not arithmetic: NaN in the other rows stays out."""
+    keep = method("transpose", key_mask, -2, -1)  # [B|1, heads|1, L, 1]: the query rows that attend
+    if value == "mean_v":
+        fill = method("to", method("mean", method("float", v), -2, True), example_value(v).dtype)
+    else:
+        fill = 0.0 if value == "zero" else float("nan")
+    return call(torch.where, keep, result, fill)
 
 
 def _cast_like(graph: fx.Graph, result: fx.Node, old: fx.Node) -> fx.Node:

@@ -49,7 +49,14 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
     scores = scores.masked_fill(~allowed, float("-inf"))
     # A row whose keys are all masked gives zeros, as the kernels do; NaN and Inf propagate as in SDPA.
     p = torch.softmax(scores, dim=-1).masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
-    return (p @ v.to(acc)).to(q.dtype)
+    # Skipped blocks are never read, as in the kernels: a NaN or Inf in v reaches only the entries of the
+    # rows whose kept blocks hold it. p is 0 outside `allowed`, and p @ v alone would spread 0 * NaN to
+    # every row. No data-dependent branch: this also runs traced (torch.compile) and on CUDA.
+    v = v.to(acc)
+    finite = v.isfinite()
+    hit = allowed.to(acc) @ finite.logical_not().to(acc)  # kept keys whose v is NaN / Inf, per (row, d)
+    out = torch.where(hit > 0, p @ v, p @ torch.where(finite, v, 0.0))
+    return out.to(q.dtype)
 
 
 def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry):

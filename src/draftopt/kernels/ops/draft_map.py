@@ -4,9 +4,9 @@
 
 Example:
     >>> from draftopt.kernels import draft_map
-    >>> draft_map(torch.randn(1, 2, 6, 64), torch.randn(1, 2, 6, 64), 0.125).sum(-1)
-    tensor([[[1., 1., 1., 1., 1., 1.],
-             [1., 1., 1., 1., 1., 1.]]])
+    >>> P = draft_map(torch.randn(1, 2, 6, 64), torch.randn(1, 2, 6, 64), 0.125)
+    >>> P.shape, torch.allclose(P.sum(-1), torch.ones(1, 2, 6))
+    (torch.Size([1, 2, 6, 6]), True)
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ def _(kv_idx, kv_cnt, draft_map, site, T, H, W, th, tw, text_len, text_first, po
     return torch.empty_like(kv_cnt)
 
 
+# A side effect the compilers must keep: without this AOTAutograd (aot_eager, inductor) traced the op as pure
+# and its compiled graph never called it (captured_masks() stayed empty).
+torch.library._register_effectful_op(record_mask._opoverload, torch.library.EffectType.ORDERED)
+
+
 def captured_masks(clear: bool = False) -> dict[str, list[DraftBlockMask]]:
     """Block masks recorded so far, per site name (module path), oldest first."""
     out = {k: list(v) for k, v in _STORE.items()}

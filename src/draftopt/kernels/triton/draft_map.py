@@ -60,13 +60,14 @@ def draft_map_triton(q_pool: torch.Tensor, k_pool: torch.Tensor, scale: float) -
     B, H, S, D = q_pool.shape
     q_pool, k_pool = q_pool.float().contiguous(), k_pool.float().contiguous()
     out = torch.empty((B, H, S, S), dtype=torch.float32, device=q_pool.device)
-    block = 64
+    block_d = max(16, next_pow2(D))
+    block = 64 if block_d <= 128 else 32  # block_mass's D + 4 features: keep the [block, block_d] tiles in registers
     launcher(_draft_map_kernel)[(triton.cdiv(S, block), B * H)](
         q_pool, k_pool, out,
         q_pool.stride(0), q_pool.stride(1), q_pool.stride(2),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, S, D, scale * LOG2E,
-        BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, next_pow2(D)),
+        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
     )
     return out
