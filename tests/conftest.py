@@ -17,7 +17,10 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 # Fresh random inputs every run; DRAFTOPT_TEST_SEED=N replays a failing run.
-SEED = int(os.environ.get("DRAFTOPT_TEST_SEED", random.randrange(2**31)))
+# Under pytest-xdist every worker draws the same run seed from the run's shared id.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+SEED = int(os.environ.get("DRAFTOPT_TEST_SEED",
+                          int(_RUN_ID, 16) % 2**31 if _RUN_ID else random.randrange(2**31)))
 
 
 def per_test_seed(run_seed: int, nodeid: str) -> int:

@@ -30,7 +30,7 @@ SKIPPED = {
     "pip install torch==2.13.0": "installs torch",
     "pip install torch --index-url": "installs torch",
     'pip install -e ".[test]" && python -m pytest': "installs the test extra and runs the whole suite",
-    'python -m pytest -q tests -m "not install"': "runs the whole suite, this file included",
+    'python -m pytest -q -n 2 --dist loadfile tests -m "not install"': "runs the whole suite, this file included",
     "model = draftopt.optimize(model, latent_shape=(T, H, W)": "placeholders: the reader's model and latent shape",
     "WanTransformer3DModel.from_pretrained": "downloads a checkpoint and moves it to the GPU",
     'backend="draftopt"': "placeholder model; the backend by name is tested in tests/api",
