@@ -75,7 +75,7 @@ from .kernels import Geometry, check_key_padding_mask, needs_visual_bias, plan
 from .kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .model_info import check_latent_shape, latent_thw, model_patch, text_position_of
 from .passes import DraftConfig, SiteRecord
-from .passes.draft_attention_pass import SitePlan, StageArgs, stages
+from .passes.draft_attention_pass import SitePlan, StageArgs, stages, text_len_for
 from .passes.infer_geometry import normalize_patch
 from .passes.sites import default_scale
 from .report import GraphRecord, Report
@@ -366,10 +366,7 @@ class AttentionBackendHandle:
                            "[B, 1, 1, L]); without a graph its form cannot be proven (draftopt.optimize recognises "
                            "HunyuanVideo 1.5's query x key padding mask in the graph)") from None
             facts["mask_form"] = "key padding"
-        text_len = L - N if cfg.text_len is None else cfg.text_len
-        if N + text_len != L:
-            raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len "
-                       f"{cfg.text_len}")
+        text_len = text_len_for(L, grid, cfg.text_len, skip)
         position = "end"
         if text_len:
             position = cfg.text_position if cfg.text_position != "auto" else self._family_text_position

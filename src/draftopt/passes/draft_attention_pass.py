@@ -206,11 +206,7 @@ class DraftAttentionPass:
         if site.mask is not None:
             query_mask, masked_rows = self._mask_form(site, q, facts, skip)
         N = n_tokens(grid)
-        N = n_tokens(grid)
-        text_len = L - N if cfg.text_len is None else cfg.text_len
-        if N + text_len != L:
-            raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len "
-                       f"{cfg.text_len}")
+        text_len = text_len_for(L, grid, cfg.text_len, skip)
         position = "end"
         if text_len:
             position = cfg.text_position
@@ -254,6 +250,15 @@ class DraftAttentionPass:
             return outer, rows
         facts["mask_form"] = "key padding"
         return None, None
+
+
+def text_len_for(L: int, grid, text_len: int | None, skip) -> int:
+    """The text tokens beside the grid: the rest of the sequence, or the given count if it adds up."""
+    N = n_tokens(grid)
+    text_len = L - N if text_len is None else text_len
+    if N + text_len != L:
+        raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len {text_len}")
+    return text_len
 
 
 def _plain(shape) -> tuple:
