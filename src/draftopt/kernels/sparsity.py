@@ -66,7 +66,9 @@ def keep_count(sparsity: float, n: int) -> int:
 
 
 def expected_kept_tiles(policy: str, sparsity: float, S: int) -> int:
-    """Visual (query tile, key tile) pairs the policy keeps (cdf: its budget, an upper bound)."""
+    """Visual (query tile, key tile) pairs the policy keeps before the diagonal is added (the global
+    policies add at most S diagonal pairs, "cdf" at most one a row; "topk" keeps exactly this: the
+    diagonal takes one of its slots; for "cdf" it is the budget, an upper bound)."""
     if sparsity == 0.0:
         return S * S
     if policy in GLOBAL_POLICIES:
