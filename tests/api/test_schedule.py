@@ -55,14 +55,26 @@ def test_schedule_as_a_step_callback(runtime_model):
     assert densities[0] == 1.0 and densities[0] > densities[1] > densities[2] == densities[3]
 
 
-def test_guard_in_a_compiled_model_bounds_the_estimated_error():
+@pytest.fixture(scope="module")
+def guarded_model():
+    """A model compiled once with the guard (max_error 0.02 at sparsity 0.95), and its inputs."""
     torch.manual_seed(1)
     opt = draftopt.optimize(ToyDiT().eval(), latent_shape=LATENT, sparsity=0.95, max_error=0.02,
                             capture_masks=True, **CPU_OPTIONS)
+    return opt, toy_inputs(latent=LATENT)
+
+
+def run_capturing(opt, inputs) -> list:
+    """One call with an empty mask store; the masks it recorded (left in the store for the report)."""
     draftopt.captured_masks(clear=True)
     with torch.no_grad():
-        opt(*toy_inputs(latent=LATENT))
-    masks = [m for ms in draftopt.captured_masks(clear=True).values() for m in ms]
+        opt(*inputs)
+    return [m for ms in draftopt.captured_masks().values() for m in ms]
+
+
+def test_guard_in_a_compiled_model_bounds_the_estimated_error(guarded_model):
+    masks = run_capturing(*guarded_model)
+    draftopt.captured_masks(clear=True)
     assert masks and all((m.estimated_error() <= 0.02 + 1e-6).all() for m in masks)
     assert any(m.widened().any() for m in masks)
 
@@ -85,13 +97,9 @@ def test_bad_schedules(runtime_model):
         set_sparsity(opt, -0.1)
 
 
-def test_report_shows_what_each_head_kept_and_the_guard_widened():
-    torch.manual_seed(1)
-    opt = draftopt.optimize(ToyDiT().eval(), latent_shape=LATENT, sparsity=0.95, max_error=0.02,
-                            capture_masks=True, **CPU_OPTIONS)
-    draftopt.captured_masks(clear=True)
-    with torch.no_grad():
-        opt(*toy_inputs(latent=LATENT))
+def test_report_shows_what_each_head_kept_and_the_guard_widened(guarded_model):
+    opt, inputs = guarded_model
+    assert run_capturing(opt, inputs)
     text = str(draftopt.report(opt))
     assert "Captured masks" in text and "heads widened by the guard" in text
     row = next(line for line in text.splitlines() if line.startswith("blocks.0"))
