@@ -59,18 +59,18 @@ _EXTRAS = "pip install 'draftopt[onnx]' (onnx, onnxscript, onnxruntime)"
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def draft_attention_onnx(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, T: int, H: int, W: int,
-    th: int, tw: int, text_len: int, text_first: bool, scale: float, sparsity: float, policy: str,
+    th: int, tw: int, text_len: int, text_before: int, scale: float, sparsity: float, policy: str,
     cdf_threshold: float,
 ) -> torch.Tensor:
     """Draft attention of one video self-attention site, as the exported graph calls it (the PyTorch path
     of ``draftopt.kernels.draft_attention``; ``attn_mask``: SDPA's key padding mask or None)."""
     return draft_attention(q, k, v, (T, H, W), tile=(th, tw), text_len=text_len,
-                           text_position="start" if text_first else "end", sparsity=sparsity, policy=policy,
+                           text_position=text_before, sparsity=sparsity, policy=policy,
                            cdf_threshold=cdf_threshold, attn_mask=attn_mask, scale=scale)
 
 
 @draft_attention_onnx.register_fake
-def _(q, k, v, attn_mask, T, H, W, th, tw, text_len, text_first, scale, sparsity, policy, cdf_threshold):
+def _(q, k, v, attn_mask, T, H, W, th, tw, text_len, text_before, scale, sparsity, policy, cdf_threshold):
     return torch.empty_like(q)
 
 

@@ -11,7 +11,7 @@ all five stages) is translated to one node of the custom domain ``draftopt``::
         out       [B, heads, L, D], q's dtype
 
 with static attributes: the geometry (``T``, ``H``, ``W``, ``tile_h``, ``tile_w``,
-``text_len``, ``text_first``), ``scale``, ``sparsity``, ``policy``, ``cdf_threshold``
+``text_len``, ``text_before``), ``scale``, ``sparsity``, ``policy``, ``cdf_threshold``
 and what the body needs of them, computed at export time exactly as the PyTorch
 op computes it (``keep``: the keep count, ``rank_mass``, ``rank_rows``,
 ``diagonal_in_keep``, ``cdf_cutoff``: see ``selection_attributes``).
@@ -75,20 +75,19 @@ def selection_attributes(policy: str, sparsity: float, n_tiles: int) -> dict:
 
 
 @onnxscript.script(OPSET, default_opset=op)
-def TileSums(x: FLOAT, T: int, H: int, W: int, tile_h: int, tile_w: int, text_len: int, text_first: int) -> FLOAT:
+def TileSums(x: FLOAT, T: int, H: int, W: int, tile_h: int, tile_w: int, text_len: int, text_before: int) -> FLOAT:
     """Sum of ``x`` [B, heads, L, D] over each tile of each frame: [B, heads, S, D] (zero-padded edge tiles)."""
     Tn = op.Unsqueeze(op.Constant(value_int=T), op.Constant(value_ints=[0]))
     Hn = op.Unsqueeze(op.Constant(value_int=H), op.Constant(value_ints=[0]))
     Wn = op.Unsqueeze(op.Constant(value_int=W), op.Constant(value_ints=[0]))
     th = op.Unsqueeze(op.Constant(value_int=tile_h), op.Constant(value_ints=[0]))
     tw = op.Unsqueeze(op.Constant(value_int=tile_w), op.Constant(value_ints=[0]))
-    tl = op.Unsqueeze(op.Constant(value_int=text_len), op.Constant(value_ints=[0]))
-    tf = op.Unsqueeze(op.Constant(value_int=text_first), op.Constant(value_ints=[0]))
+    tb = op.Unsqueeze(op.Constant(value_int=text_before), op.Constant(value_ints=[0]))
     one = op.Constant(value_ints=[1])
     zero = op.Constant(value_ints=[0])
     nh = op.Div(Hn + th - one, th)
     nw = op.Div(Wn + tw - one, tw)
-    start = tf * tl
+    start = tb
     vis = op.Slice(x, start, start + Tn * Hn * Wn, op.Constant(value_ints=[2]))
     shape = op.Shape(x)
     bh = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
@@ -104,7 +103,7 @@ def TileSums(x: FLOAT, T: int, H: int, W: int, tile_h: int, tile_w: int, text_le
 
 @onnxscript.script(OPSET, default_opset=op)
 def DraftAttention(q: TFloat, k: TFloat, v: TFloat, key_bias: FLOAT, T: int, H: int, W: int, tile_h: int,
-                   tile_w: int, text_len: int, text_first: int, scale: float, sparsity: float, policy: str,
+                   tile_w: int, text_len: int, text_before: int, scale: float, sparsity: float, policy: str,
                    cdf_threshold: float, keep: int, rank_mass: int, rank_rows: int, diagonal_in_keep: int,
                    cdf_cutoff: int) -> TFloat:
     """Draft attention of one video self-attention site (module doc): standard ops, dense scores, masked."""
@@ -117,7 +116,7 @@ def DraftAttention(q: TFloat, k: TFloat, v: TFloat, key_bias: FLOAT, T: int, H: 
     th = op.Unsqueeze(op.Constant(value_int=tile_h), op.Constant(value_ints=[0]))
     tw = op.Unsqueeze(op.Constant(value_int=tile_w), op.Constant(value_ints=[0]))
     tl = op.Unsqueeze(op.Constant(value_int=text_len), op.Constant(value_ints=[0]))
-    tf = op.Unsqueeze(op.Constant(value_int=text_first), op.Constant(value_ints=[0]))
+    tb = op.Unsqueeze(op.Constant(value_int=text_before), op.Constant(value_ints=[0]))
     one = op.Constant(value_ints=[1])
     zero = op.Constant(value_ints=[0])
     nh = op.Div(Hn + th - one, th)
@@ -136,13 +135,13 @@ def DraftAttention(q: TFloat, k: TFloat, v: TFloat, key_bias: FLOAT, T: int, H: 
     counts = op.Cast(op.Min(Hn - hi * th, th) * op.Min(Wn - wi * tw, tw), to=FLOAT.dtype)  # [S]
     per_tile = op.Unsqueeze(counts, op.Constant(value_ints=[1]))  # [S, 1]
     q_mean = TileSums(qf, T=T, H=H, W=W, tile_h=tile_h, tile_w=tile_w, text_len=text_len,
-                      text_first=text_first) / per_tile
+                      text_before=text_before) / per_tile
     k_mean = TileSums(kf, T=T, H=H, W=W, tile_h=tile_h, tile_w=tile_w, text_len=text_len,
-                      text_first=text_first) / per_tile
+                      text_before=text_before) / per_tile
     q_sq_mean = TileSums(qf * qf, T=T, H=H, W=W, tile_h=tile_h, tile_w=tile_w, text_len=text_len,
-                         text_first=text_first) / per_tile
+                         text_before=text_before) / per_tile
     k_sq_mean = TileSums(kf * kf, T=T, H=H, W=W, tile_h=tile_h, tile_w=tile_w, text_len=text_len,
-                         text_first=text_first) / per_tile
+                         text_before=text_before) / per_tile
     last = op.Constant(value_ints=[-1])
     fzero = op.Constant(value_float=0.0)
     q_spread = op.Max(op.ReduceMean(q_sq_mean - q_mean * q_mean, last, keepdims=1), fzero)  # [B, h, S, 1]
@@ -184,7 +183,7 @@ def DraftAttention(q: TFloat, k: TFloat, v: TFloat, key_bias: FLOAT, T: int, H: 
     # The block mask at token level, as an additive bias (0: computed, -inf: skipped) with the key bias in:
     # text queries and text keys are dense. Columns first ([B, h, S+1, L], small), then rows: row gathers.
     p = op.Range(op.Squeeze(zero), op.Squeeze(N + tl), op.Squeeze(one))
-    j = p - tf * tl
+    j = p - tb
     visual = op.And(op.GreaterOrEqual(j, op.Squeeze(zero)), op.Less(j, op.Squeeze(N)))
     jc = op.Clip(j, op.Squeeze(zero), op.Squeeze(N - one))
     t_of = op.Div(jc, Hn * Wn)
@@ -227,7 +226,7 @@ _ATTRIBUTES = (  # name, ONNX type, description
     ("tile_h", "INT", "tile rows (tile_h * tile_w tokens: one block)"),
     ("tile_w", "INT", "tile columns"),
     ("text_len", "INT", "text tokens in the sequence (dense rows and columns)"),
-    ("text_first", "INT", "1: text tokens before the video tokens, 0: after"),
+    ("text_before", "INT", "how many of the text tokens come before the video tokens (the rest after)"),
     ("scale", "FLOAT", "softmax scale of q k^T"),
     ("sparsity", "FLOAT", "fraction of visual tile pairs skipped, in [0, 1)"),
     ("policy", "STRING", "selection policy: mass, percentile, topk or cdf"),
@@ -270,13 +269,13 @@ _NODE = onnxscript.values.Op(OPSET, OP_TYPE, _schema())
 
 
 def draft_attention_translation(q, k, v, attn_mask=None, T: int = 1, H: int = 1, W: int = 1, th: int = 16,
-                                tw: int = 16, text_len: int = 0, text_first: bool = False, scale: float = 1.0,
+                                tw: int = 16, text_len: int = 0, text_before: int = 0, scale: float = 1.0,
                                 sparsity: float = 0.0, policy: str = "mass", cdf_threshold: float = 0.9):
     """torch.onnx translation of ``draftopt::draft_attention_onnx``: one ``draftopt.DraftAttention`` node."""
     n_tiles = T * math.ceil(H / th) * math.ceil(W / tw)
     L = T * H * W + text_len
     return _NODE(q, k, v, _key_bias(attn_mask, L), T=T, H=H, W=W, tile_h=th, tile_w=tw, text_len=text_len,
-                 text_first=int(text_first), scale=float(scale), sparsity=float(sparsity), policy=policy,
+                 text_before=int(text_before), scale=float(scale), sparsity=float(sparsity), policy=policy,
                  cdf_threshold=float(cdf_threshold), **selection_attributes(policy, float(sparsity), n_tiles))
 
 

@@ -106,6 +106,15 @@ def site_from_dict(d: dict) -> SiteRecord:
 
 
 # -- FLOPs --------------------------------------------------------------------------------
+def _text_cell(s: SiteRecord) -> str:
+    """Tokens off the grid: "8@end", "7@start", "435@start+256@end" (text on both sides), "0", or "-"."""
+    if not s.text_len:
+        return "0" if s.text_len == 0 else "-"
+    if isinstance(s.text_position, int):
+        return f"{s.text_position}@start+{s.text_len - s.text_position}@end"
+    return f"{s.text_len}@{s.text_position}"
+
+
 def site_flops(s: SiteRecord) -> tuple[int | None, int | None]:
     """(dense, sparse) attention FLOPs of a site; sparse is None for a skipped site."""
     if len(s.q_shape) != 4 or len(s.kv_shape) != 4 or not all(isinstance(d, int) for d in (*s.q_shape, *s.kv_shape)):
@@ -200,7 +209,7 @@ class Report:
             for s in g.sites:
                 d, sp = site_flops(s)
                 grid = "x".join(map(str, s.grid)) if s.grid else "-"
-                text = f"{s.text_len}@{s.text_position}" if s.text_len else ("0" if s.text_len == 0 else "-")
+                text = _text_cell(s)
                 mask = s.mask_form or ("other" if s.has_mask else "-")
                 rows.append([
                     g.index, _SOURCES.get(g.source, g.source), s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",

@@ -115,7 +115,7 @@ def test_hunyuan_export_with_padded_text(tmp_path, sparsity, layers, sites):
     onnx.checker.check_model(path, full_check=True)
     nodes = draftopt_nodes(path)
     assert [n.name for n in nodes] == sites
-    assert all(attrs(n)["text_len"] == 8 and attrs(n)["text_first"] == 0 for n in nodes)  # text at the end
+    assert all(attrs(n)["text_len"] == 8 and attrs(n)["text_before"] == 0 for n in nodes)  # text at the end
     refiner = draftopt.report(exported).skipped
     assert [s.name for s in refiner] == ["context_embedder.token_refiner.refiner_blocks.0.attn"]
     assert not refiner[0].candidate  # text-only attention: no warning either
@@ -132,7 +132,7 @@ def test_explicit_softmax_attention_with_text_first(tmp_path):
     draftopt.export_onnx(toy, args, path, sparsity=0.75, optimize=False, **OPTS)
     nodes = draftopt_nodes(path)
     assert [n.name for n in nodes] == ["draftopt/blocks.0", "draftopt/blocks.1"]
-    assert attrs(nodes[0])["text_first"] == 1 and attrs(nodes[0])["text_len"] == 7
+    assert attrs(nodes[0])["text_before"] == 7 and attrs(nodes[0])["text_len"] == 7
     assert not any(n.op_type == "Softmax" for n in onnx.load(path).graph.node)  # the explicit chains are gone
     sess = session(path)
     got = torch.from_numpy(sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)})[0])
@@ -166,7 +166,7 @@ def one_node_model(q_shape, geom: Geometry, scale, sparsity, policy, bias_shape,
     T, H, W = geom.grid
     node = onnx.helper.make_node(
         "DraftAttention", ["q", "k", "v", "key_bias"], ["out"], domain="draftopt", T=T, H=H, W=W,
-        tile_h=geom.tile[0], tile_w=geom.tile[1], text_len=geom.text_len, text_first=int(geom.text_position == "start"),
+        tile_h=geom.tile[0], tile_w=geom.tile[1], text_len=geom.text_len, text_before=geom.prefix_len,
         scale=scale, sparsity=sparsity, policy=policy, cdf_threshold=cdf_threshold,
         **selection_attributes(policy, sparsity, geom.n_tiles))
 
@@ -186,6 +186,7 @@ def one_node_model(q_shape, geom: Geometry, scale, sparsity, policy, bias_shape,
 CASES = [  # grid, tile, text_len, text_position, key padding mask (no text, no mask: the Wan tests)
     ((2, 7, 13), (4, 4), 5, "start", "bool"),  # partial edge tiles, text first
     ((1, 12, 20), (8, 16), 9, "end", "float"),  # tiles of 128, 32, 64 and 16 tokens, an additive mask
+    ((2, 7, 13), (4, 4), 6 + 5, 6, "bool"),  # text on both sides of the grid (FramePack: history, grid, text)
 ]
 
 

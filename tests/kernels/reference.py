@@ -11,14 +11,15 @@ import torch
 
 
 def tile_of_tokens(grid, tile, text_len, text_position):
-    """Per original token: its visual tile index, or -1 for text."""
+    """Per original token: its visual tile index, or -1 for text. ``text_position``: "start", "end", or
+    the number of text tokens before the grid."""
     T, H, W = grid
     th, tw = tile
     nh, nw = math.ceil(H / th), math.ceil(W / tw)
     t, h, w = np.meshgrid(np.arange(T), np.arange(H), np.arange(W), indexing="ij")
     vis = (t * nh * nw + (h // th) * nw + (w // tw)).reshape(-1)
-    text = np.full(text_len, -1)
-    ids = np.concatenate([text, vis] if text_position == "start" else [vis, text])
+    before = {"start": text_len, "end": 0}.get(text_position, text_position)
+    ids = np.concatenate([np.full(before, -1), vis, np.full(text_len - before, -1)])
     return torch.from_numpy(ids)
 
 

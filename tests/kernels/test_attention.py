@@ -75,7 +75,8 @@ def test_kernel_without_visual_bias(device, impl, dtype):
     (Geometry((1, 7, 6), (4, 4), 0, "end"), 1, 3, 96),
     (Geometry((1, 8, 16), (8, 16), 20, "end"), 1, 1, 64),
     (Geometry((1, 5, 70), (2, 64), 10, "end"), 1, 2, 32),  # tiles wider than a float32 sub-tile
-], ids=["text-start", "no-text-d96", "block128", "wide-tile"])
+    (Geometry((2, 5, 9), (4, 4), 19 + 23, 19), 2, 2, 32),  # text on both sides of the grid (FramePack)
+], ids=["text-start", "no-text-d96", "block128", "wide-tile", "text-split"])
 def test_tiled_kernel_matches_float64(device, g, B, H, D, layout, dtype):
     """Stages 3-5 fused: tiles read in place from original-order q, k, v (contiguous or transposed)."""
     skip_interpreted_bf16(dtype)
@@ -83,8 +84,10 @@ def test_tiled_kernel_matches_float64(device, g, B, H, D, layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tiled_op_matches_float64(device, dtype):
-    run_case(device, Geometry((3, 13, 27), (8, 16), 77, "end"), 2, 3, 64, dtype, 0.3, "tiled-op", layout="blhd")
+@pytest.mark.parametrize("g", [Geometry((3, 13, 27), (8, 16), 77, "end"),
+                               Geometry((2, 13, 27), (8, 16), 130 + 77, 130)], ids=["text-end", "text-split"])
+def test_tiled_op_matches_float64(device, dtype, g):
+    run_case(device, g, 2, 3, 64, dtype, 0.3, "tiled-op", layout="blhd")
 
 
 def test_tiled_opcheck(device):

@@ -6,7 +6,8 @@ import torch
 
 from draftopt.kernels import Geometry, dispatch, permute_tiles, unpermute_tiles
 from draftopt.kernels.gluon import _sm90_kernel
-from draftopt.kernels.gluon.attention import Sm90Tuning, _n_sm, _tma_ready, attend_sm90, reads_in_place
+from draftopt.kernels.gluon.attention import (Sm90Tuning, _n_sm, _tma_ready, attend_sm90, attend_sm90_in_place,
+                                             reads_in_place)
 
 from ..helpers import key_bias_for, masked_reference, poison_outputs, random_block_mask
 from .tolerances import assert_close
@@ -160,6 +161,34 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
 ])
 def test_reads_in_place(tile, batch, in_place):
     assert reads_in_place(Geometry((2, 16, 128), tile), batch) is in_place
+
+
+def test_text_on_both_sides_is_not_read_in_place():
+    """One row descriptor addresses the text: with text before and after the grid (FramePack) the Gluon
+    kernel runs on permuted copies, and the in-place op refuses such a geometry."""
+    g = Geometry((2, 16, 128), (8, 16), 300 + 77, 300)
+    assert not reads_in_place(g, 1)
+    with pytest.raises(ValueError, match="cannot address this geometry in place"):
+        attend_sm90_in_place(*(torch.zeros(1, 1, g.seq_len, 128),) * 3, None, None, None, 0.1, g, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 2])
+def test_sm90_tiled_with_text_on_both_sides_matches_float64(B):
+    """History before the grid and text after it, through draftopt::tiled_attention on the Gluon kernel
+    (permuted inside the op), a key padding mask on the text after the grid."""
+    _require_sm90()
+    g = Geometry((2, 24, 40), (8, 16), 300 + 77, 300)
+    H, D, dtype = 2, 128, torch.bfloat16
+    q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, 0.4, "cuda")
+    key_keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
+    key_keep[:, g.suffix_offset + 40:] = False
+    bias = key_bias_for(g, key_keep, "cuda")
+    with poison_outputs():
+        out = torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(), True,
+                                                 "gluon_sm90")
+    assert_close(out, masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
 def test_tma_ready_copies_what_the_copy_engine_cannot_read():

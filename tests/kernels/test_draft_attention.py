@@ -21,6 +21,7 @@ GEOMETRIES = [
     ((1, 8, 16), 77, "start", 1, 3, 96),
     ((1, 8, 16), 256, "end", 2, 3, 64),
     ((1, 8, 16), 512, "start", 1, 2, 64),  # the longest prompt supported: 4 text blocks
+    ((2, 13, 27), 130 + 77, 130, 2, 2, 64),  # text on both sides of the grid (FramePack: history, grid, text)
 ]
 GEOM_IDS = [f"{'x'.join(map(str, g))}-text{t}@{p}-B{b}H{h}D{d}" for g, t, p, b, h, d in GEOMETRIES]
 
@@ -39,7 +40,8 @@ def test_sparsity_zero_equals_dense_sdpa(device, grid, text_len, pos, B, H, D, d
     assert_close(out, ref.attention(q.cpu(), k.cpu(), v.cpu()), dtype)
 
 
-@pytest.mark.parametrize("grid, text_len, pos, B, H, D", GEOMETRIES[::2], ids=GEOM_IDS[::2])
+@pytest.mark.parametrize("grid, text_len, pos, B, H, D", GEOMETRIES[:-1:2] + GEOMETRIES[-1:],
+                         ids=GEOM_IDS[:-1:2] + GEOM_IDS[-1:])
 @pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
 @pytest.mark.parametrize("policy", ["percentile", "topk", "cdf"])
 def test_sparse_equals_token_masked_dense(device, grid, text_len, pos, B, H, D, sparsity, policy):

@@ -13,6 +13,8 @@ GEOMETRIES = [
     Geometry((1, 8, 16), (8, 16), 77, "end"),
     Geometry((2, 5, 9), (4, 4), 33, "end"),
     Geometry((1, 3, 3), (4, 8), 256, "start"),
+    Geometry((2, 5, 9), (4, 4), 19 + 33, 19),  # text on both sides (FramePack: history, grid, text)
+    Geometry((1, 8, 16), (8, 16), 256 + 128, 256),  # both sides in whole blocks
 ]
 
 
@@ -49,6 +51,21 @@ def test_tile_counts_match_reference(g):
     assert torch.equal(tile_token_counts(g), want)
 
 
+def test_text_on_both_sides():
+    """History before the grid and text after it: each side padded to whole blocks, a 0 or full count
+    stored as "end" / "start" (one geometry, one spelling)."""
+    g = Geometry((2, 5, 9), (4, 4), 19 + 33, 19)
+    assert (g.prefix_len, g.suffix_len, g.is_split) == (19, 33, True)
+    assert (g.n_prefix_blocks, g.n_text_blocks, g.visual_offset, g.suffix_offset) == (2, 5, 19, 19 + 90)
+    assert g.padded_len == (g.n_tiles + 5) * 16 and g.has_text_padding
+    assert Geometry.from_op_args(*g.op_args()) == g and g.op_args()[-1] == 19
+    assert "text 19 before and 33 after" in str(g)
+    assert Geometry((2, 5, 9), (4, 4), 7, 7) == Geometry((2, 5, 9), (4, 4), 7, "start")
+    assert Geometry((2, 5, 9), (4, 4), 7, 0) == Geometry((2, 5, 9), (4, 4), 7, "end")
+    with pytest.raises(ValueError, match="text_before"):
+        Geometry.from_op_args(2, 5, 9, 4, 4, 7, True)
+
+
 def test_sizes():
     g = Geometry((3, 13, 27), tile=(8, 16), text_len=7, text_position="start")
     assert (g.n_tiles, g.block, g.n_text_blocks, g.seq_len, g.padded_len) == (12, 128, 1, 1060, 1664)
@@ -66,7 +83,9 @@ def test_sizes():
         (dict(grid=(2, 4, 4), tile=(32, 16)), "512 tokens"),
         (dict(grid=(2, 4, 4), text_len=-1), "text_len"),
         (dict(grid=(2, 4, 4), text_position="middle"),
-         r"text_position must be one of \('start', 'end'\), got 'middle'"),
+         r"text_position must be one of \('start', 'end'\) or a count .*, got 'middle'"),
+        (dict(grid=(2, 4, 4), text_len=5, text_position=6), r"text_position=6 .* text_len is 5"),
+        (dict(grid=(2, 4, 4), text_len=5, text_position=-1), r"text_position=-1"),
         (dict(grid=(2, 4, 4), text_position="auto"), "got 'auto'"),  # "auto" is the pass's, not a geometry
     ],
 )

@@ -14,6 +14,7 @@ GEOMETRIES = [
     Geometry((3, 13, 27), (8, 16), 7, "start"),
     Geometry((1, 8, 16), (8, 16), 0, "end"),
     Geometry((2, 5, 9), (4, 4), 77, "end"),
+    Geometry((2, 5, 9), (4, 4), 19 + 33, 19),  # text on both sides
 ]
 
 
@@ -33,11 +34,15 @@ def test_each_block_holds_one_tile_and_padding(device, g):
     x = torch.randn(1, 2, g.seq_len, 16, device=device)
     xp = permute_tiles(x, g, pad_value=-7.0).cpu()
     ids = ref.tile_of_tokens(g.grid, g.tile, g.text_len, g.text_position)
+    text = (ids == -1).nonzero().flatten()
+    first_vis = int((ids >= 0).nonzero()[0])
+    # text blocks hold the text in order, block by block: first the text before the grid, then (from a
+    # fresh block) the text after it
+    text_blocks = [side.split(g.block) for side in (text[text < first_vis], text[text > first_vis])]
+    text_blocks = [blk for side in text_blocks for blk in side if blk.numel()]
+    assert len(text_blocks) == g.n_text_blocks
     for b in range(g.n_blocks):
-        want = b if b < g.n_tiles else -1
-        tokens = (ids == want).nonzero().flatten()
-        if want == -1:  # text blocks hold the text in order, block by block
-            tokens = tokens[(b - g.n_tiles) * g.block:(b - g.n_tiles + 1) * g.block]
+        tokens = (ids == b).nonzero().flatten() if b < g.n_tiles else text_blocks[b - g.n_tiles]
         rows = xp[:, :, b * g.block:(b + 1) * g.block]
         n = tokens.numel()
         # the block holds exactly its tokens (as a set: test_geometry checks the in-tile order),

@@ -15,6 +15,7 @@ CASES = [  # grid, tile, text_len, text_position
     ((3, 13, 27), (8, 16), 7, "start"),
     ((1, 8, 16), (8, 16), 77, "end"),
     ((2, 5, 9), (4, 4), 256, "start"),
+    ((2, 5, 9), (4, 4), 19 + 33, 19),  # text on both sides
 ]
 
 

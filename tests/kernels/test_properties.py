@@ -190,8 +190,9 @@ BAD = {
                                        .filter(lambda g: min(g) <= 0)),
     "tile not a power-of-two block in [16, 256]": ("tile", st.tuples(st.integers(1, 40), st.integers(1, 40))
                                                    .filter(_bad_tile)),
-    "text_position not start/end": ("text_position", st.one_of(
-        st.text(max_size=8).filter(lambda p: p not in ("start", "end")), NOT_STRINGS)),
+    "text_position not start/end nor a count in [0, text_len]": ("text_position", st.one_of(
+        st.text(max_size=8).filter(lambda p: p not in ("start", "end")), st.none(), st.floats(allow_nan=False),
+        st.tuples(st.text(max_size=3)), st.integers(max_value=-1), st.integers(min_value=GOOD["text_len"] + 1))),
 }
 # Cases draftopt does not refuse, or refuses without naming the value, at the commit this file was added
 # in (strict: when the fix lands these xpass and the mark must go).

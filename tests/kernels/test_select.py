@@ -29,7 +29,9 @@ def test_draft_map_triton_kernel(device):
     qp, kp = torch.randn(1, 2, 70, 32, device=device), torch.randn(1, 2, 70, 32, device=device)
     with poison_outputs():
         P = draft_map_triton(qp, kp, 0.3)
-    torch.testing.assert_close(P.double().cpu(), ref.draft_map(qp.cpu(), kp.cpu(), 0.3), atol=2e-4, rtol=2e-3)
+    # tf32 dots: each logit off by up to ~2^-10 * 0.3 * sum|q_d k_d| (~1e-2 here), so a probability by ~1%
+    # (2e-3 failed on the H200 for some seeds); a wrong index or scale is off by far more.
+    torch.testing.assert_close(P.double().cpu(), ref.draft_map(qp.cpu(), kp.cpu(), 0.3), atol=1e-3, rtol=1e-2)
 
 
 @pytest.mark.parametrize("S", [7, 40, 99])

@@ -43,7 +43,7 @@ def draft_attention(
     *,
     tile: tuple[int, int] = (8, 16),
     text_len: int | None = None,
-    text_position: str = "end",
+    text_position: str | int = "end",
     sparsity: float = 0.9,
     policy: str = "mass",
     cdf_threshold: float = 0.9,
@@ -58,7 +58,8 @@ def draft_attention(
         grid: (T, H, W) visual tokens.
         tile: tokens per tile (th, tw); th*tw is one kernel block.
         text_len: text tokens in L (default 0: the grid must explain the whole sequence).
-        text_position: "start" or "end".
+        text_position: "start", "end", or how many of the text_len tokens come before the
+            grid (the rest after it: FramePack's history, grid, text).
         sparsity: fraction of visual tile pairs to skip, in [0, 1).
         policy: "mass" (default), "percentile" (the paper), "topk" or "cdf" (see ``sparsity.py``).
         cdf_threshold: draft mass a query tile must cover, for "cdf".

@@ -38,9 +38,10 @@ DEFAULT_TUNING = Sm90Tuning()
 
 def reads_in_place(geom: Geometry, batch: int) -> bool:
     """Whether the kernel can address this geometry's tiles in place: batch 1 (the descriptors view one
-    batch), tiles split in two row halves (one per consumer) of whole 16-byte rows."""
+    batch), tiles split in two row halves (one per consumer) of whole 16-byte rows, and text on one side
+    of the grid only (one row descriptor for the text; text on both sides runs on permuted copies)."""
     th, tw = geom.tile
-    return batch == 1 and th % 2 == 0 and tw % 8 == 0
+    return batch == 1 and th % 2 == 0 and tw % 8 == 0 and not geom.is_split
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,6 +109,9 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
     text; no permuted copies exist.
     """
     _, heads, L, D = q.shape
+    if not reads_in_place(geom, q.shape[0]):
+        raise ValueError(f"attend_sm90_in_place cannot address this geometry in place ({geom}, batch "
+                         f"{q.shape[0]}); call draftopt::tiled_attention, which permutes such sites")
     (T, H, W), (th, tw) = geom.grid, geom.tile
     out = torch.empty_like(q)  # fresh, so aligned; q's strides where q is dense, else contiguous
     q, k, v, out = (_tma_ready(t) for t in (q, k, v, out))

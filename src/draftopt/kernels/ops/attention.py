@@ -12,7 +12,7 @@ visual tiles and the last ``n_text_blocks`` are text:
   (key_bias.py); ``visual_bias=False`` promises it is 0 on visual key tiles.
 
 ``tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, T, H, W, th, tw,
-text_len, text_first, visual_bias, backend)`` computes the same on q, k, v in
+text_len, text_before, visual_bias, backend)`` computes the same on q, k, v in
 the original token order, with no permuted copies where the backend's kernel
 reads tiles in place.
 
@@ -100,9 +100,9 @@ def _block_sparse_attention_op(
 def _tiled_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
     key_bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int, tw: int, text_len: int,
-    text_first: bool, visual_bias: bool, backend: str,
+    text_before: int, visual_bias: bool, backend: str,
 ) -> torch.Tensor:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     chosen = check_backend(backend, q, geom.block)
     if chosen is Backend.GLUON_SM90:
         return _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)

@@ -30,12 +30,12 @@ def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
 @torch.library.custom_op("draftopt::attend_sm90_in_place", mutates_args=())
 def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                              kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int,
-                             tw: int, text_len: int, text_first: bool, visual_bias: bool) -> torch.Tensor:
+                             tw: int, text_len: int, text_before: int, visual_bias: bool) -> torch.Tensor:
     """Original-order q, k, v [1, heads, L, D] -> output in the original order (tiles read in place)."""
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     return attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias)
 
 
 @_attend_sm90_in_place_op.register_fake
-def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_first, visual_bias):
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_before, visual_bias):
     return torch.empty_like(q)

@@ -59,9 +59,9 @@ def block_mass_reference(q_mean, q_spread, k_mean, k_spread, geom: Geometry, sca
 @triton_op("draftopt::block_mass", mutates_args=())
 def _block_mass_op(
     q_mean: torch.Tensor, q_spread: torch.Tensor, k_mean: torch.Tensor, k_spread: torch.Tensor,
-    T: int, H: int, W: int, th: int, tw: int, text_len: int, text_first: bool, scale: float,
+    T: int, H: int, W: int, th: int, tw: int, text_len: int, text_before: int, scale: float,
 ) -> torch.Tensor:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     if stage_backend(q_mean) is not Backend.TRITON:
         return block_mass_reference(q_mean, q_spread, k_mean, k_spread, geom, scale)
     counts = tile_token_counts(geom, q_mean.device).float()

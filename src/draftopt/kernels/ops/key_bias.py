@@ -54,10 +54,10 @@ def key_padding_bias(attn_mask: torch.Tensor | None, B: int, heads: int, L: int,
 @triton_op("draftopt::key_bias", mutates_args=())
 def _key_bias_op(
     mask: torch.Tensor | None, B: int, heads: int, T: int, H: int, W: int, th: int, tw: int, text_len: int,
-    text_first: bool, device: torch.device,
+    text_before: int, device: torch.device,
 ) -> torch.Tensor:
     """[B|1, heads|1, Lp] float32: the mask as an additive bias, -inf on padding rows."""
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     bias = key_padding_bias(mask, B, heads, geom.seq_len, device)
     src = permuted_source_index(geom, device)
     return torch.where(src >= 0, bias.index_select(-1, src.clamp(min=0)), float("-inf"))

@@ -40,18 +40,18 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, pad_value: float = 0.0) -> t
 
 @triton_op("draftopt::permute_tiles", mutates_args=())
 def _permute_op(
-    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_first: bool,
+    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_before: int,
     pad_value: float,
 ) -> torch.Tensor:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     return gather_rows(x, permuted_source_index(geom, x.device), pad_value)
 
 
 @triton_op("draftopt::unpermute_tiles", mutates_args=())
 def _unpermute_op(
-    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_first: bool
+    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_before: int
 ) -> torch.Tensor:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     return gather_rows(x, original_to_permuted_index(geom, x.device), 0.0)
 
 

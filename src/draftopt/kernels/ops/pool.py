@@ -49,9 +49,9 @@ def tile_moments_reference(x: torch.Tensor, geom: Geometry) -> tuple[torch.Tenso
 
 @triton_op("draftopt::tile_pool", mutates_args=())
 def _tile_pool_op(
-    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_first: bool
+    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_before: int
 ) -> torch.Tensor:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     if stage_backend(x) is Backend.TRITON:
         return tile_pool_triton(x, geom)
     return tile_pool_reference(x, geom)
@@ -62,9 +62,9 @@ make_inference_only(_tile_pool_op, "tile_pool")
 
 @triton_op("draftopt::tile_moments", mutates_args=())
 def _tile_moments_op(
-    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_first: bool
+    x: torch.Tensor, T: int, H: int, W: int, th: int, tw: int, text_len: int, text_before: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     if stage_backend(x) is Backend.TRITON:
         return tile_moments_triton(x, geom)
     return tile_moments_reference(x, geom)

@@ -21,17 +21,17 @@ _STORE: dict[str, list] = {}
 
 @torch.library.custom_op("draftopt::record_mask", mutates_args=())
 def record_mask(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, draft_map: torch.Tensor, site: str, T: int, H: int,
-                W: int, th: int, tw: int, text_len: int, text_first: bool, policy: str,
+                W: int, th: int, tw: int, text_len: int, text_before: int, policy: str,
                 sparsity: float) -> torch.Tensor:
     """Keep (kv_idx, kv_cnt, draft map) of one call of ``site``; returns a copy of kv_cnt."""
-    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_first)
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     _STORE.setdefault(site, []).append(
         DraftBlockMask(kv_idx.clone(), kv_cnt.clone(), geom, policy, sparsity, draft_map=draft_map.clone()))
     return kv_cnt.clone()
 
 
 @record_mask.register_fake
-def _(kv_idx, kv_cnt, draft_map, site, T, H, W, th, tw, text_len, text_first, policy, sparsity):
+def _(kv_idx, kv_cnt, draft_map, site, T, H, W, th, tw, text_len, text_before, policy, sparsity):
     return torch.empty_like(kv_cnt)
 
 

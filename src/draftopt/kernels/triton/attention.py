@@ -27,6 +27,14 @@ from ._common import launcher, next_pow2, tile_coords
 
 
 @triton.jit
+def _text_block(t, n_pre_blocks, pre_len, suf_off, suf_len, BLOCK: tl.constexpr):
+    """Text block t in place: (its first row in the original sequence, its real rows)."""
+    pre = t < n_pre_blocks
+    seg = tl.where(pre, t, t - n_pre_blocks).to(tl.int64) * BLOCK
+    return tl.where(pre, seg, suf_off + seg), tl.where(pre, pre_len, suf_len) - seg
+
+
+@triton.jit
 def _tile_origin(kb, nw, nhw, th, tw, H, W, vis_off):
     """Visual tile ``kb`` in the original order: (token row of its first row, rows and columns left in the frame)."""
     t, i, j = tile_coords(kb, nw, nhw)
@@ -99,7 +107,7 @@ def _block_sparse_attn_kernel(
     stride_ib, stride_ih, stride_is,
     stride_cb, stride_ch,
     n_heads, n_tiles, n_text_blocks, head_dim, qk_scale,
-    H, W, th, tw, nw, nhw, vis_off, text_off, text_len,
+    H, W, th, tw, nw, nhw, vis_off, pre_len, n_pre_blocks, suf_off, suf_len,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, VISUAL_BIAS: tl.constexpr,
     IN_PLACE: tl.constexpr, VISUAL_PAD: tl.constexpr, TEXT_PAD: tl.constexpr,
@@ -108,6 +116,8 @@ def _block_sparse_attn_kernel(
     # IN_PLACE: q, k, v, out in the original token order ([B, heads, L, D], any
     # strides), each tile read where it lies (tile-major layout: see geometry.py);
     # else tile-major copies. VISUAL_PAD / TEXT_PAD: such blocks hold padding rows.
+    # In place, text blocks [0, n_pre_blocks) hold the pre_len tokens before the grid (rows 0 on),
+    # the others the suf_len tokens after it (rows suf_off on): each block one contiguous range.
     pid = tl.program_id(0)
     pid_m = pid // (BLOCK // BLOCK_M)
     bh = tl.program_id(1)
@@ -142,8 +152,9 @@ def _block_sparse_attn_kernel(
     if IN_PLACE:
         tb = pid_m - n_tiles
         vbase, lim_a, lim_b = _tile_origin(tl.minimum(pid_m, n_tiles - 1), nw, nhw, th, tw, H, W, vis_off)
-        q_rows = tl.where(is_text, text_off + tb.to(tl.int64) * BLOCK + r, vbase + (r // tw) * W + r % tw)
-        q_ok = tl.where(is_text, tb * BLOCK + r < text_len, (r // tw < lim_a) & (r % tw < lim_b))
+        t_base, t_rows = _text_block(tb, n_pre_blocks, pre_len, suf_off, suf_len, BLOCK)
+        q_rows = tl.where(is_text, t_base + r, vbase + (r // tw) * W + r % tw)
+        q_ok = tl.where(is_text, r < t_rows, (r // tw < lim_a) & (r % tw < lim_b))
     else:
         q_rows = pid_m.to(tl.int64) * BLOCK + r
         q_ok = r < BLOCK
@@ -177,12 +188,12 @@ def _block_sparse_attn_kernel(
     # Text key blocks: every query attends to them; their bias (padding, key mask) always applies.
     for t in range(0, n_text_blocks):
         if IN_PLACE:
-            base = text_off + tl.cast(t, tl.int64) * BLOCK
+            base, t_rows = _text_block(t, n_pre_blocks, pre_len, suf_off, suf_len, BLOCK)
         else:
-            base = (n_tiles + tl.cast(t, tl.int64)) * BLOCK
+            base, t_rows = (n_tiles + tl.cast(t, tl.int64)) * BLOCK, BLOCK
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, K_bh + base * stride_kl, V_bh + base * stride_vl,
                                       cont_k, cont_v, Bias_bh + (n_tiles + t) * BLOCK, BLOCK_N, offs_n, offs_n * 0,
-                                      BLOCK_N, text_len - t * BLOCK, 1,
+                                      BLOCK_N, t_rows, 1,
                                       stride_kl, stride_vl, offs_n, d_ok, qk_scale,
                                       BLOCK, BLOCK_N, EVEN_D, DOT_PRECISION, True, IN_PLACE and TEXT_PAD)
 
@@ -226,11 +237,11 @@ def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom: Geometry | None
     cfg = tuning or launch_config(q.dtype, block, D, in_place)
     if in_place:
         (_, H, W), (th, tw), (nh, nw) = geom.grid, geom.tile, geom.tiles_hw
-        vis_off, text_off, text_len = geom.visual_offset, geom.text_offset, geom.text_len
-        visual_pad, text_pad = geom.has_visual_padding, text_len % block != 0
+        vis_off, text = geom.visual_offset, (geom.prefix_len, geom.n_prefix_blocks, geom.suffix_offset, geom.suffix_len)
+        visual_pad, text_pad = geom.has_visual_padding, geom.has_text_padding
     else:  # a stand-in grid with the same blocks: one tile of ``block`` tokens a frame
         H, W, th, tw, nh, nw = 1, block, 1, block, 1, 1
-        vis_off = text_off = text_len = 0
+        vis_off, text = 0, (0, 0, 0, 0)
         visual_pad = text_pad = False
     block_n = max(cfg.block_n, tw) if in_place else cfg.block_n  # sub-tiles of whole tile rows
     block_d = max(16, next_pow2(D))
@@ -241,7 +252,7 @@ def _launch(q, k, v, out, kv_idx, kv_cnt, key_bias, scale, geom: Geometry | None
         kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         n_heads, n_tiles, n_text_blocks, D, scale * LOG2E,
-        H, W, th, tw, nw, nh * nw, vis_off, text_off, text_len,
+        H, W, th, tw, nw, nh * nw, vis_off, *text,
         BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=D == block_d,
         # float32 models: 3xTF32 dots keep float32 accuracy on tensor cores (plain "ieee" dots
         # compiled for minutes per shape and ran off tensor cores: docs/design.md).
