@@ -46,6 +46,42 @@ def hunyuan_inputs(latent=(2, 16, 32), batch=2, text_len=8, valid=(5, 8), device
                 guidance=torch.full((batch,), 6000.0, device=device, dtype=dtype), return_dict=False)
 
 
+def tiny_sd3(heads=2, head_dim=16, layers=2):
+    """An image DiT (Stable Diffusion 3): a Conv2d patch embedding, text at the end of the joint attention."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=16, pos_embed_max_size=32).eval()
+
+
+def sd3_inputs(latent=(16, 32), batch=1, text_len=8):
+    return dict(hidden_states=torch.randn(batch, 4, *latent), encoder_hidden_states=torch.randn(batch, text_len, 32),
+                pooled_projections=torch.randn(batch, 16), timestep=torch.full((batch,), 500.0), return_dict=False)
+
+
+def tiny_flux(heads=2, head_dim=16, layers=1, single_layers=1):
+    """An image DiT (Flux): packed tokens [B, H * W, C] (the pipeline packs 2x2 latent patches; config
+    patch_size=1), a Linear embedding, text at the start of the joint attention."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=16,
+        axes_dims_rope=(head_dim - 12, 6, 6)).eval()
+
+
+def flux_inputs(grid=(8, 16), batch=1, text_len=8):
+    """Packed tokens of a latent of 2 * grid (16 channels: 4 latent channels x 2x2), with their positions."""
+    H, W = grid
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1)  # (0, row, column) of each token
+    return dict(hidden_states=torch.randn(batch, H * W, 16), encoder_hidden_states=torch.randn(batch, text_len, 32),
+                pooled_projections=torch.randn(batch, 16), timestep=torch.full((batch,), 0.5),
+                img_ids=img_ids.reshape(-1, 3).float(), txt_ids=torch.zeros(text_len, 3), return_dict=False)
+
+
 def tiny_hunyuan15(heads=2, head_dim=16, layers=1):
     """HunyuanVideo 1.5 (patch 1): its self-attention mask is the outer product of one padding vector."""
     from diffusers import HunyuanVideo15Transformer3DModel
@@ -53,7 +89,7 @@ def tiny_hunyuan15(heads=2, head_dim=16, layers=1):
     return HunyuanVideo15Transformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
-        image_embed_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+        image_embed_dim=8, rope_axes_dim=(head_dim - 12, 6, 6)).eval()
 
 
 def hunyuan15_inputs(latent=(2, 8, 16), batch=2, valid=((4, 2), (6, 3))):
@@ -246,3 +282,27 @@ class TinyAttention(nn.Module):
 
 
 TINY_ATTENTION_OPTIONS = dict(latent_shape=TinyAttention.LATENT, tile=(4, 4), min_tokens=0, compiler="eager")
+
+
+def tiny_framepack(heads=2, head_dim=16, layers=1, single_layers=1):
+    """HunyuanVideo FramePack: history latents (clean, 2x, 4x) concatenated before the video tokens."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    return HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(head_dim - 12, 6, 6), image_condition_type=None,
+        has_image_proj=True, image_proj_dim=8, has_clean_x_embedder=True).eval()
+
+
+def framepack_inputs(latent=(2, 16, 32), batch=2, text_len=8, valid=(5, 8), image_tokens=3):
+    """Inputs of a FramePack section: 1 clean frame, 2 frames at 2x and 4 at 4x downsampling as history
+    (diffusers 0.42.1's FramePack needs the clean latents: without them its forward fails)."""
+    inputs = hunyuan_inputs(latent, batch, text_len, valid)
+    T, H, W = latent
+    frames = lambda n, start: torch.arange(start, start + n)  # noqa: E731  (one index list for the batch)
+    inputs.update(image_embeds=torch.randn(batch, image_tokens, 8), indices_latents=frames(T, 7))
+    inputs.update(latents_clean=torch.randn(batch, 4, 1, H, W), indices_latents_clean=frames(1, 0),
+                  latents_history_2x=torch.randn(batch, 4, 2, H, W), indices_latents_history_2x=frames(2, 1),
+                  latents_history_4x=torch.randn(batch, 4, 4, H, W), indices_latents_history_4x=frames(4, 3))
+    return inputs

@@ -13,7 +13,7 @@ and nothing else. Layers, imported one way: draftopt (API, backend, report)
 
 from . import kernels  # registers the ops
 from .api import DenseWarmup, DraftOptimizedModule, dense, optimize, report, reset, use_attention_backend
-from .backend import draftopt_backend
+from .backend import DenseSitesError, DraftoptWarning, draftopt_backend
 from .kernels import DraftBlockMask, Geometry, captured_masks, draft_attention
 from .passes import DraftConfig
 from .pictures import save_mask_images
@@ -24,7 +24,7 @@ from .export import OnnxExport, add_onnx_functions, export_onnx, export_program,
 
 __all__ = [
     "SparsitySchedule", "set_sparsity",
-    "DenseWarmup", "DraftBlockMask", "DraftConfig", "DraftOptimizedModule", "Geometry", "OnnxExport", "Report",
+    "DenseSitesError", "DenseWarmup", "DraftBlockMask", "DraftoptWarning", "DraftConfig", "DraftOptimizedModule", "Geometry", "OnnxExport", "Report",
     "add_onnx_functions", "export_onnx", "export_program", "onnx_translation_table",
     "captured_masks", "dense", "draft_attention", "draftopt_backend", "kernels", "optimize", "report", "reset",
     "save_mask_images", "use_attention_backend",

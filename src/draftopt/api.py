@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .model_info import check_call_latent, model_patch, repeated_blocks
+from .model_info import check_call_latent, history_before_grid, model_patch, repeated_blocks
 from .kernels.control import RuntimeControl
 from .passes import DraftConfig, ModelContext
 from .report import Report
@@ -30,7 +30,7 @@ RECOMPILE_LIMIT = 64
 _OWN_CACHE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
-class DraftOptimizedModule(nn.Module):
+class DraftOptimizedModule(torch._dynamo.eval_frame.OptimizedModule):
     """A model compiled with the draftopt backend (what ``optimize`` returns).
 
     Calls go to the compiled sparse model, or, inside ``draftopt.dense(model)``,
@@ -38,17 +38,39 @@ class DraftOptimizedModule(nn.Module):
     on first use). With ``regional=True`` only the model's repeated blocks are
     compiled (as diffusers' ``compile_repeated_blocks`` does), for the duration
     of each call. Attributes the wrapper does not have are read from the
-    original model (``.config``, ``.dtype``, ... for diffusers pipelines).
+    original model (``.config``, ``.dtype``, ``.save_pretrained``, ... for diffusers pipelines).
+
+    To other libraries it is what ``torch.compile(model)`` returns, an ``OptimizedModule`` whose original
+    model is ``_orig_mod``: that is how diffusers (``DiffusionPipeline.register_modules``, ``save_pretrained``,
+    ``from_pretrained(..., transformer=...)``), accelerate and torch.distributed.checkpoint find the model
+    behind a compiled one, so ``pipe.transformer = draftopt.optimize(pipe.transformer)`` keeps the pipeline's
+    ``model_index.json`` entry and ``pipe.save_pretrained`` writes the original model's config and weights.
+    ``state_dict()`` holds the original model's tensors under ``_orig_mod.``, as torch.compile's does.
+    Otherwise it behaves as a plain nn.Module: the overrides below undo OptimizedModule's own behaviour
+    (attribute writes that go to the original model, its ``training`` mirror, pickling through a Dynamo
+    context, ``bool()`` through ``len()``).
     """
+
+    __call__ = nn.Module.__call__
+    __setattr__ = nn.Module.__setattr__
+    __delattr__ = nn.Module.__delattr__
+    __getstate__ = nn.Module.__getstate__
+    __setstate__ = nn.Module.__setstate__
+    __reduce__ = object.__reduce__
+    training = True  # an instance attribute, as in nn.Module (this shadows OptimizedModule's property)
+
+    def __bool__(self) -> bool:
+        return True
 
     def __init__(self, model: nn.Module, config: DraftConfig, fullgraph: bool, mode: str | None,
                  regional: bool = False):
-        super().__init__()
+        nn.Module.__init__(self)  # not OptimizedModule's: it compiles with a Dynamo context of its own
         self._orig_mod = model
         self.draftopt_config = config
         self._draftopt_records = []
         self._draftopt_dense_depth = 0
         self._draftopt_warmups = weakref.WeakSet()  # DenseWarmups still in their dense steps
+        self._draftopt_checked_sites = False  # whether any attention reached a compiled graph (first call)
         self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode, regional=regional,
                                       recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
         self._draftopt_model_patch = model_patch(model)
@@ -73,7 +95,8 @@ class DraftOptimizedModule(nn.Module):
     def _draftopt_context(self, config: DraftConfig) -> ModelContext:
         control = self._draftopt_control
         key = control.key if control is not None and config.enabled else -1
-        return ModelContext(patch=self._draftopt_model_patch, control_key=key)
+        return ModelContext(patch=self._draftopt_model_patch, control_key=key,
+                            history_first=history_before_grid(self._orig_mod))
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and _wants_grad(self._orig_mod, args, kwargs):
@@ -90,13 +113,23 @@ class DraftOptimizedModule(nn.Module):
             raise
 
     def _call(self, compiled, which: str, args, kwargs):
+        out = self._call_compiled(compiled, which, args, kwargs)
+        if which == "sparse" and not self._draftopt_checked_sites:
+            self.__dict__["_draftopt_checked_sites"] = True
+            _warn_if_attention_ran_eagerly(self._orig_mod, self._draftopt_records)
+        return out
+
+    def _call_compiled(self, compiled, which: str, args, kwargs):
         limit = self._draftopt_compile["recompile_limit"]
         scoped = contextlib.nullcontext() if _OWN_CACHE else torch._dynamo.config.patch(recompile_limit=limit)
         with scoped, _warn_on_recompile_limit(type(self._orig_mod).__name__, which, limit):
+            # A latent_shape that no graph can check (Linear patch embeddings, regional blocks) would give a
+            # call at another resolution latent_shape's grid: the call's latent is checked here, on the host.
+            if self.draftopt_config.latent_shape is not None:
+                check_call_latent(self.draftopt_config.latent_shape, args, kwargs, self._orig_mod,
+                                  regional=self._draftopt_blocks is not None)
             if self._draftopt_blocks is None:
                 return _unwrapped(compiled, args, kwargs)
-            if self.draftopt_config.latent_shape is not None:
-                check_call_latent(self.draftopt_config.latent_shape, args, kwargs)
             with _blocks_compiled(self._draftopt_blocks, compiled):
                 return _unwrapped(self._orig_mod, args, kwargs)
 
@@ -179,6 +212,22 @@ def _unwrapped(compiled, args, kwargs):
 def _wants_grad(model: nn.Module, args, kwargs) -> bool:
     tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
     return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in model.parameters())
+
+
+def _warn_if_attention_ran_eagerly(model: nn.Module, records: list) -> None:
+    """Warn when the model has attention modules but no compiled graph holds a video self-attention call:
+    Dynamo ran them outside its graphs (graph breaks such as Mochi's torch.nonzero in its processor), where
+    no pass sees them, so they stay dense without a site to report."""
+    if not records or any(s.candidate for g in records for s in g.sites):
+        return
+    n = sum(type(m).__name__.endswith("Attention") for m in model.modules())
+    if n:
+        warnings.warn(
+            f"draftopt: {type(model).__name__} has {n} attention modules, but no compiled graph holds a video "
+            f"self-attention call: Dynamo ran them eagerly (graph breaks, e.g. data-dependent ops such as torch.nonzero in the "
+            "attention processor), so its attention stays dense. draftopt.report(model) lists the graphs; "
+            "draftopt.use_attention_backend(model) covers processors that call diffusers' dispatch_attention_fn",
+            _backend.DraftoptWarning, stacklevel=4)
 
 
 def optimize(model: nn.Module, latent_shape=None, sparsity: float | None = None, *, fullgraph: bool | None = None,

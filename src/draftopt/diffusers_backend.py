@@ -73,7 +73,7 @@ from torch import nn
 from . import backend as _backend
 from .kernels import Geometry, check_key_padding_mask, needs_visual_bias, plan
 from .kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
-from .model_info import check_latent_shape, latent_thw, model_patch, text_position_of
+from .model_info import FAMILY_HISTORY_INPUTS, check_latent_shape, latent_thw, model_patch, text_position_of
 from .passes import DraftConfig, SiteRecord
 from .passes.draft_attention_pass import SitePlan, StageArgs, stages, text_len_for
 from .passes.infer_geometry import normalize_patch
@@ -249,11 +249,13 @@ class AttentionBackendHandle:
     # -- hooks -------------------------------------------------------------------------------------------------
     def _attach(self, model: nn.Module, attention: list, set_backend: bool, member) -> None:
         key, handle = self.key, self
+        history_inputs = FAMILY_HISTORY_INPUTS.get(self.model_name, ())
 
         def enter(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
             shape = _static(x.shape) if isinstance(x, torch.Tensor) else None
-            _STATE.stack.append((key, shape, handle._dense_depth > 0))
+            history = any(isinstance(kwargs.get(name), torch.Tensor) for name in history_inputs)
+            _STATE.stack.append((key, shape, handle._dense_depth > 0, history))
 
         def leave(module, args, kwargs, output):
             _STATE.stack.pop()
@@ -314,7 +316,7 @@ class AttentionBackendHandle:
             raise _backend.DenseSitesError(message + " (strict=True)")
         warnings.warn(message, _backend.DraftoptWarning, stacklevel=3)
 
-    def _decide(self, site, hidden, dense, q_shape, k_shape, v_shape, dtype, device, mask, dropout_p, is_causal,
+    def _decide(self, site, hidden, dense, history, q_shape, k_shape, v_shape, dtype, device, mask, dropout_p, is_causal,
                 scale, enable_gqa, lse, parallel):
         """(SiteRecord, _CallPlan) of one call, or _Skip: the pass's rules (``DraftAttentionPass._plan``) on
         the shapes diffusers' dispatcher passes (q, k, v [B, L, heads, D])."""
@@ -368,15 +370,24 @@ class AttentionBackendHandle:
             facts["mask_form"] = "key padding"
         text_len = text_len_for(L, grid, cfg.text_len, skip)
         position = "end"
+        if history and cfg.text_position == "auto":
+            raise skip(f"{self.model_name} called with history latents: they and the text lie on both sides of "
+                       "the grid in counts the attention call does not show; draftopt.optimize(model, "
+                       "latent_shape=...) reads them off the graph, or pass text_position=<tokens before the grid>")
         if text_len:
             position = cfg.text_position if cfg.text_position != "auto" else self._family_text_position
             if position is None:
                 raise skip(f"{text_len} tokens besides the {N}-token grid and no known text position for "
-                           f"{self.model_name}: pass text_position='start' or 'end' to use_attention_backend")
+                           f"{self.model_name}: pass text_position='start', 'end' or the number of them before "
+                           "the grid to use_attention_backend")
+            if isinstance(position, int) and position > text_len:
+                raise skip(f"text_position={position} tokens before the grid, but this call has {text_len} tokens "
+                           "besides the grid")
         facts.update(text_len=text_len, text_position=position if text_len else None)
         if N < cfg.min_tokens:
             raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
         geom = Geometry(grid, cfg.tile, text_len, position)
+        facts.update(text_position=geom.text_position if text_len else None)  # a count of 0 / all: "end" / "start"
         facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
         if not cfg.enabled or dense:
             raise skip("dense mode (handle.dense() or enabled=False): native attention", False)
@@ -433,14 +444,14 @@ def _config_value(model: nn.Module, name: str):
 
 # -- the backend function --------------------------------------------------------------------------------------
 @torch.compiler.assume_constant_result
-def _plan_call(key, site, hidden, dense, q_shape, k_shape, v_shape, dtype, device, mask, dropout_p, is_causal,
+def _plan_call(key, site, hidden, dense, history, q_shape, k_shape, v_shape, dtype, device, mask, dropout_p, is_causal,
                scale, enable_gqa, lse, parallel):
     """The call's _CallPlan, or None for native attention; records the site. Under Dynamo it runs at trace
     time on constants and its result is a constant of the graph."""
     handle = _HANDLES.get(key)
     if handle is None:  # removed while a call was in progress
         return None
-    return handle._plan(site or "(no attention module)", hidden, dense, q_shape, k_shape, v_shape, dtype, device,
+    return handle._plan(site or "(no attention module)", hidden, dense, history, q_shape, k_shape, v_shape, dtype, device,
                         mask, dropout_p, is_causal, scale, enable_gqa, lse, parallel)
 
 
@@ -478,9 +489,9 @@ def _draftopt_attention(
     if not _STATE.stack:
         _unprepared_call()
         return _NATIVE(**native)
-    handle_key, hidden, dense = _STATE.stack[-1]
+    handle_key, hidden, dense, history = _STATE.stack[-1]
     mask = None if attn_mask is None else (_static(attn_mask.shape), attn_mask.dtype)
-    call_plan = _plan_call(handle_key, _STATE.site, hidden, dense, _static(query.shape), _static(key.shape),
+    call_plan = _plan_call(handle_key, _STATE.site, hidden, dense, history, _static(query.shape), _static(key.shape),
                            _static(value.shape), query.dtype, query.device, mask, dropout_p, is_causal, scale,
                            enable_gqa, return_lse, _parallel_config is not None)
     if call_plan is None:

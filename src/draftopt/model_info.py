@@ -78,31 +78,50 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def check_call_latent(latent_shape: tuple, args, kwargs) -> None:
+def check_call_latent(latent_shape: tuple, args, kwargs, model: nn.Module | None = None,
+                      regional: bool = True) -> None:
     """ValueError unless a 5-D latent the model is called with has ``latent_shape`` as its (T, H, W).
 
     For graphs that cannot check it themselves (a regionally compiled model's blocks see tokens only): a
     call at another resolution with as many tokens would otherwise reuse the grid of the first. The latent
     is ``hidden_states`` (or the first positional tensor); channels may come first ([B, C, T, H, W]),
     second ([B, T, C, H, W], CogVideoX) or last ([B, T, H, W, C], Kandinsky 5). Other inputs (packed tokens,
-    as LTX-Video's) are not checked.
+    as LTX-Video's) are not checked. ``model`` (the original model): the error names this call's (T, H, W).
     """
     x = kwargs.get("hidden_states")
     if x is None:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if isinstance(x, torch.Tensor):
-        check_latent_shape(latent_shape, tuple(x.shape))
+    if not isinstance(x, torch.Tensor) or latent_matches(latent_shape, tuple(x.shape)):
+        return
+    s = tuple(x.shape)
+    thw = None
+    if model is not None:
+        config = getattr(model, "config", None)
+        thw, _ = latent_thw(type(model).__name__, None if config is None else _config_value(config, "in_channels"), s)
+    this = f"latent_shape={thw}" if thw is not None else "this call's latent_shape=(T, H, W)"
+    fixed = ("regional=True compiles the repeated blocks for one latent_shape" if regional else
+             "latent_shape fixes the token grid of every call")
+    instead = "with regional=False and latent_shape=None" if regional else "with latent_shape=None"
+    raise ValueError(
+        f"latent_shape {tuple(latent_shape)} does not match the latent this model is called with: hidden_states "
+        f"is {s}{f' (T, H, W = {thw[0]}x{thw[1]}x{thw[2]})' if thw is not None else ''}. {fixed}: for this "
+        f"resolution optimize again with {this} (draftopt.optimize(model, ...) reconfigures the model), or "
+        f"{instead} to read each call's grid off the patch embedding"
+    )
+
+
+def latent_matches(latent_shape: tuple, s: tuple) -> bool:
+    """Whether a call's hidden_states of shape ``s`` has ``latent_shape`` as its (T, H, W) (channels at
+    axis 1, 2 or 4); True for a shape that is not 5-D (nothing to check)."""
+    return len(s) != 5 or tuple(latent_shape) in (s[2:], (s[1], *s[3:]), s[1:4])
 
 
 def check_latent_shape(latent_shape: tuple, s: tuple) -> None:
-    """``check_call_latent`` on the shape of the call's hidden_states (not 5-D: nothing to check)."""
-    if len(s) != 5:
-        return
-    if tuple(latent_shape) not in (s[2:], (s[1], *s[3:]), s[1:4]):
+    """ValueError unless ``latent_matches``: the check on the shape of the call's hidden_states."""
+    if not latent_matches(latent_shape, s):
         raise ValueError(
             f"latent_shape {tuple(latent_shape)} does not match the latent this model is called with: "
-            f"hidden_states is {s}. Pass this call's (T, H, W): draftopt.optimize(model, latent_shape=...) "
-            "again reconfigures the model"
+            f"hidden_states is {s}. Pass this call's (T, H, W), or latent_shape=None to read it off each call"
         )
 
 
@@ -118,6 +137,14 @@ FAMILY_TEXT_POSITION = {
     "CogVideoXTransformer3DModel": "start",
     "ConsisIDTransformer3DModel": "start",
     "EasyAnimateTransformer3DModel": "start",
+    "HeliosTransformer3DModel": "start",  # history latents before the video; the text is cross-attention
+}
+# Models whose hidden-state stream is [history latents, video]: the history concatenated before the first block
+# (its concatenation is in the graph only where no graph break separates it from the blocks).
+FAMILY_HISTORY_BEFORE_GRID = frozenset({"HunyuanVideoFramepackTransformer3DModel", "HeliosTransformer3DModel"})
+# The call arguments that carry those history latents (the diffusers backend cannot place them in a sequence).
+FAMILY_HISTORY_INPUTS = {
+    "HunyuanVideoFramepackTransformer3DModel": ("latents_clean", "latents_history_2x", "latents_history_4x"),
 }
 # The channel axis of the 5-D latent a model is called with, where it is not 1 ([B, C, T, H, W]).
 FAMILY_CHANNEL_AXIS = {
@@ -125,6 +152,11 @@ FAMILY_CHANNEL_AXIS = {
     "ConsisIDTransformer3DModel": 2,
     "Kandinsky5Transformer3DModel": 4,  # [B, T, H, W, C]
 }
+
+
+def history_before_grid(model: nn.Module) -> bool:
+    """Whether ``model`` concatenates history latents before its video tokens (FramePack, Helios), by its class."""
+    return type(model).__name__ in FAMILY_HISTORY_BEFORE_GRID
 
 
 def text_position_of(model: nn.Module) -> str | None:

@@ -62,6 +62,27 @@ def test_linear_patch_embedding_is_sparse_with_the_patch_from_model_config():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("text_position", ["auto", "start"])
+def test_unverified_latent_shape_at_another_resolution_is_never_rewritten(text_position):
+    """A Linear patch embedding over flattened tokens (CogVideoX 1.5 style): nothing in the graph checks
+    latent_shape. Called at another resolution, no site may be rewritten with latent_shape's grid, and what is
+    said must point at latent_shape, not at text_position."""
+    model = PackedPatchDiT(patch=(2, 2, 2), flat=True).eval()
+    optimized = draftopt.optimize(model, latent_shape=(4, 8, 16), text_position=text_position, sparsity=0.5,
+                                  **EAGER)
+    try:
+        optimized(*toy_inputs(latent=(4, 16, 16)))  # grid 2x8x8 = 128 tokens; latent_shape's is 2x4x8 = 64
+    except ValueError as e:
+        reasons = [str(e)]
+    else:
+        sites = draftopt.report(optimized).sites
+        assert not [s.name for s in sites if s.status == "rewritten"], "rewritten with latent_shape's grid"
+        reasons = [s.reason for s in sites]
+    for reason in reasons:
+        assert "latent_shape" in reason and "text_position" not in reason, reason
+
+
+@torch.no_grad()
 def test_packed_patch_embedding_shows_the_grid():
     """Cosmos style (the Linear gets [B, T', H', W', K]): its input is the grid, with or without latent_shape,
     and it checks a given latent_shape."""
@@ -71,9 +92,13 @@ def test_packed_patch_embedding_shows_the_grid():
         torch.testing.assert_close(optimized(*inputs), model(*inputs), atol=2e-5, rtol=2e-5)
         sites = draftopt.report(optimized).rewritten
         assert len(sites) == 2 and sites[0].grid == (2, 4, 8) and source in sites[0].grid_source
-    wrong = draftopt.optimize(model, latent_shape=(2, 16, 8), **EAGER)  # as many tokens, another grid
-    with pytest.raises(ValueError, match=r"grid \(2, 8, 4\) does not match .* gets \(2, 2, 4, 8, 16\)"):
+    # as many tokens, another grid: optimize() checks the call's latent; the graph checks the Linear's input
+    wrong = draftopt.optimize(model, latent_shape=(2, 16, 8), **EAGER)
+    with pytest.raises(ValueError, match=r"latent_shape \(2, 16, 8\) does not match .* is \(2, 4, 2, 8, 16\)"):
         wrong(*inputs)
+    by_name = torch.compile(model, backend="draftopt", options=dict(latent_shape=(2, 16, 8), **EAGER))
+    with pytest.raises(Exception, match=r"grid \(2, 16, 8\) does not match .* gets \(2, 2, 4, 8, 16\)"):
+        by_name(*inputs)  # (no model.config by name: patch (1, 1, 1))
 
 
 @torch.no_grad()

@@ -235,3 +235,27 @@ def test_bad_arguments_are_refused_naming_the_value():
         draftopt.use_attention_backend(torch.compile(model))
     with pytest.raises(ValueError, match="prepared with draftopt.use_attention_backend"):
         draftopt.report(tiny_wan(layers=1))
+
+
+@torch.no_grad()
+def test_framepack_history_is_not_placed_by_guess():
+    """FramePack called with history latents: the call shows neither how many history tokens precede the grid
+    nor how many text tokens follow it, so it stays native, saying what to use; told the count, it is sparse
+    and equals the reference op."""
+    from ..models import framepack_inputs, tiny_framepack
+
+    model, inputs = tiny_framepack(), framepack_inputs()
+    want = model(**inputs)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = draftopt.use_attention_backend(model, sparsity=0.9, **OPTS)
+        torch.testing.assert_close(model(**inputs)[0], want, atol=2e-5, rtol=2e-5)
+    assert any("called with history latents" in m and "text_position=<tokens before the grid>" in m
+               for m in dense_warnings(caught))
+    handle.remove()
+    with reference_attention(GRID, 179, 168, sparsity=0.9, tile=(4, 4), policy="topk") as calls:
+        ref = model(**inputs)[0]
+    handle = draftopt.use_attention_backend(model, sparsity=0.9, text_position=168, **OPTS)
+    torch.testing.assert_close(model(**inputs)[0], ref, atol=2e-5, rtol=2e-5)
+    assert len(calls) == 2 and [s.text_position for s in draftopt.report(model).rewritten] == [168, 168]
+    handle.remove()

@@ -132,7 +132,10 @@ def test_backend_options_are_validated():
     (dict(latent_shape=(2, 16)), "latent_shape must be three positive ints"),
     (dict(tile=(3, 3)), r"tile \(3, 3\)"),
     (dict(compiler="tvm"), "compiler must be one of"),
-    (dict(text_position="middle"), r"text_position must be one of \('auto', 'start', 'end'\), got 'middle'"),
+    (dict(text_position="middle"),
+     r"text_position must be one of \('auto', 'start', 'end'\) or a count >= 0 of tokens before the grid, got 'middle'"),
+    (dict(text_position=-2), r"text_position must be .* got -2"),
+    (dict(masked_rows="some"), r"masked_rows must be None or one of \('zero', 'nan', 'mean_v'\), got 'some'"),
     (dict(dense_layers=-1), "dense_layers"),
     (dict(patch_size=0), "patch_size"),
     (dict(warp_speed=9), r"unknown draftopt option\(s\) \['warp_speed'\]"),
@@ -147,7 +150,7 @@ def test_latent_shape_not_divisible_by_patch():
     # draftopt's own errors reach the user as they are, not inside Dynamo's BackendCompilerFailed
     with pytest.raises(ValueError, match=r"latent_shape \(2, 15, 32\) is not divisible by the patch size \(1, 2, 2\)"):
         with torch.no_grad():
-            model(**wan_inputs())
+            model(**wan_inputs(latent=(2, 15, 32)))
 
 
 def test_optimize_twice_reconfigures_instead_of_stacking():

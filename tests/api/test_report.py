@@ -243,7 +243,7 @@ def test_cli_entry_point_help():
 def test_cli_bad_arguments_print_one_line(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     for args, message in [(["--sparsity", "1.5"], "sparsity must be a number in [0, 1), got 1.5"),
-                          (["--latent-shape", "8", "63", "64"], "latent_shape (8, 63, 64) is not divisible")]:
+                          (["--latent-shape", "8", "63", "64"], "latent_shape (8, 63, 64) does not match the latent")]:
         assert cli_main(["report", "examples/report_factories.py:toy_dit", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -150,3 +150,23 @@ def test_outer_product_spellings_are_recognised(build, axes):
 ], ids=["two-vectors", "key-padding-twice", "bitwise-int", "or", "rolled"])
 def test_other_masks_are_not_taken_for_an_outer_product(build):
     assert _mask_of(build, torch.rand(2, N_VIDEO) > 0.2) is None
+
+
+@torch.no_grad()
+def test_masked_rows_option_sets_the_fill_of_fully_masked_rows(monkeypatch):
+    """Where the probe finds no value it can reproduce (cuDNN on the GPU), the site stays dense and says to pass
+    masked_rows; with masked_rows the rows get that value and the rest still matches the original."""
+    import draftopt.passes.draft_attention_pass as dap
+
+    monkeypatch.setattr(dap, "masked_row_value", lambda *a: None)  # as on CUDA bf16 (cuDNN)
+    model, inputs = tiny_hunyuan15(), hunyuan15_inputs()
+    want = model(**inputs)[0]
+    default = draftopt.optimize(model, latent_shape=(2, 8, 16), sparsity=0.0, **dict(CPU_OPTIONS, **EAGER))
+    torch.testing.assert_close(default(**inputs)[0], want, atol=1e-5, rtol=1e-5)
+    assert "masked_rows='zero'" in [s for s in draftopt.report(default).sites if s.candidate][0].reason
+    zero = draftopt.optimize(default, masked_rows="zero")
+    torch.testing.assert_close(zero(**inputs)[0], want, atol=1e-5, rtol=1e-5)  # the rows are padding
+    (site,) = draftopt.report(zero).rewritten
+    assert site.mask_form == "query x key padding (masked rows: zero, by masked_rows)"
+    with pytest.raises(ValueError, match="masked_rows must be None or one of"):
+        draftopt.DraftConfig(masked_rows="garbage")

@@ -106,7 +106,8 @@ def test_text_position_follows_q_back_to_the_concatenation(order, position):
 def test_text_without_a_concatenation_needs_text_position():
     q, k, v = qkv(L=N + 5)
     _, records = run_pass(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v)
-    assert "pass text_position='start' or 'end'" in records[0].reason
+    assert "do not show where the grid lies" in records[0].reason
+    assert "pass text_position='start', 'end' or the number of them before the grid" in records[0].reason
     _, records = run_pass(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v, text_position="start")
     assert records[0].status == "rewritten" and records[0].text_position == "start"
 
@@ -169,3 +170,61 @@ def test_grid_from_a_per_frame_conv2d_patch_embedding():
     (rec,) = records
     assert rec.status == "rewritten" and rec.grid == (3, 4, 8) and "per-frame" in rec.grid_source
     torch.testing.assert_close(out, model(latent), atol=2e-5, rtol=2e-5)
+
+
+class _HistoryBlocks(nn.Module):
+    """FramePack's layout: [history, video] concatenated before the blocks, the text appended inside each
+    block's attention ([[history, video], text]), the output sliced back to [history, video]."""
+
+    def __init__(self, layers=3, dim=32):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.text_qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+
+    def forward(self, history, video, text):
+        x = torch.cat([history, torch.cat([history[:, :3], video], 1)], 1)  # nested, as FramePack's history scales
+        for qkv, text_qkv in zip(self.qkv, self.text_qkv):
+            q, k, v = (torch.cat([a, b], 1).unflatten(-1, (2, 16)).transpose(1, 2)
+                       for a, b in zip(qkv(x).chunk(3, -1), text_qkv(text).chunk(3, -1)))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + out[:, :x.shape[1]]
+        return x
+
+
+@torch.no_grad()
+def test_text_on_both_sides_of_the_grid_is_found_through_nested_concatenations():
+    """History before the grid (19 + 3 tokens, two concatenations) and text after it (5): every block's
+    site gets 22 tokens before and 5 after, read off the graph, and at sparsity 0 matches the original."""
+    model = _HistoryBlocks()
+    history, video, text = torch.randn(1, 19, 32), torch.randn(1, N, 32), torch.randn(1, 5, 32)
+    compiled, records = run_pass(model, history, video, text, sparsity=0.0)
+    assert [(r.status, r.text_len, r.text_position) for r in records] == [("rewritten", 27, 22)] * 3
+    torch.testing.assert_close(compiled(history, video, text), model(history, video, text), atol=2e-5, rtol=2e-5)
+
+
+@torch.no_grad()
+def test_text_on_both_sides_sparse_matches_the_reference_op():
+    from ..reference_model import reference_attention
+
+    model = _HistoryBlocks(layers=2)
+    history, video, text = torch.randn(1, 19, 32), torch.randn(1, N, 32), torch.randn(1, 5, 32)
+    compiled, records = run_pass(model, history, video, text, sparsity=0.5)
+    assert all(r.status == "rewritten" for r in records)
+    with reference_attention(GRID, 27, 22, sparsity=0.5, tile=(4, 4)) as calls:
+        want = model(history, video, text)
+    assert len(calls) == 2
+    torch.testing.assert_close(compiled(history, video, text), want, atol=2e-5, rtol=2e-5)
+
+
+def test_two_places_for_the_grid_is_not_guessed():
+    """[a, b, text] with a and b both grid-sized: the grid could be either; the site stays dense, saying so."""
+    a, b, text = torch.randn(1, N, 2, 16), torch.randn(1, N, 2, 16), torch.randn(1, 5, 2, 16)
+
+    def f(a, b, text):
+        x = torch.cat([a, b, text], 1).transpose(1, 2)
+        return F.scaled_dot_product_attention(x, x, x)
+
+    _, records = run_pass(f, a, b, text)
+    assert records[0].status == "skipped" and "do not show where the grid lies" in records[0].reason
+    _, records = run_pass(f, a, b, text, text_position=N)
+    assert (records[0].status, records[0].text_position) == ("rewritten", N)

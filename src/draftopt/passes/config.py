@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass
 
 from ..kernels.geometry import TEXT_POSITIONS, Geometry
+from .masks import MASKED_ROW_VALUES
 from ..kernels.sparsity import GLOBAL_POLICIES, POLICIES, as_number, check_selection_args
 
 # Sites with fewer visual tokens stay dense: below this the pipeline's fixed
@@ -44,8 +45,10 @@ class DraftConfig:
         policy: "mass" (each head's pairs of largest estimated attention mass, the default),
             "percentile" (the paper's rule), "topk" or "cdf" (see ``draftopt.kernels.sparsity``).
         cdf_threshold: draft-map mass each query tile must cover (policy "cdf").
-        text_len: text tokens per sequence; None: sequence length minus the grid.
-        text_position: "start", "end" or "auto" (follow q back to the concatenation).
+        text_len: tokens off the grid per sequence (text, history, conditioning: dense rows and
+            columns); None: sequence length minus the grid.
+        text_position: "start", "end", the number of those tokens before the grid (the rest after
+            it), or "auto": read it off the concatenations that build q's sequence.
         min_tokens: sites with fewer visual tokens stay dense (see MIN_TOKENS).
         dense_layers: the first N eligible sites of each graph stay dense.
         compiler: what compiles the rewritten graph: "inductor", "aot_eager" or "eager".
@@ -67,6 +70,13 @@ class DraftConfig:
             ``draftopt.set_sparsity`` / ``draftopt.SparsitySchedule`` change them between
             denoising steps without recompiling (``draftopt.optimize`` only; selection by sort:
             slower than the fixed-sparsity radix select, see BENCHMARKS.md).
+        masked_rows: what a query row gets that a query x key padding mask (HunyuanVideo 1.5)
+            hides entirely. None: what the device's SDPA gives it, found by a probe at compile
+            time; where that is not 0, NaN or the mean of v (cuDNN's 16-bit attention leaves such
+            rows undefined) the site stays dense, saying so. "zero", "nan", "mean_v": that value,
+            whatever SDPA gives: the output of such a row then differs from the original's, which
+            is harmless where the rows are padding no valid token reads (HunyuanVideo 1.5: its
+            output matches the original, tests/api/test_gpu_coverage.py).
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -84,7 +94,7 @@ class DraftConfig:
     policy: str = "mass"
     cdf_threshold: float = 0.9
     text_len: int | None = None
-    text_position: str = "auto"
+    text_position: str | int = "auto"
     min_tokens: int = MIN_TOKENS
     dense_layers: int = 0
     compiler: str = "inductor"
@@ -94,6 +104,7 @@ class DraftConfig:
     strict: bool = False
     max_error: float | None = None
     runtime_sparsity: bool = False
+    masked_rows: str | None = None
 
     def __post_init__(self):
         # numpy scalars and one-element tensors count as numbers
@@ -119,8 +130,11 @@ class DraftConfig:
         Geometry((1, 1, 1), self.tile)  # raises ValueError for a tile that is not one kernel block
         if self.text_len is not None and (not _is_int(self.text_len) or self.text_len < 0):
             raise ValueError(f"text_len must be None or an int >= 0, got {self.text_len!r}")
-        if self.text_position not in TEXT_POSITION_CHOICES:
-            raise ValueError(f"text_position must be one of {TEXT_POSITION_CHOICES}, got {self.text_position!r}")
+        if not (self.text_position in TEXT_POSITION_CHOICES or (_is_int(self.text_position) and self.text_position >= 0)):
+            raise ValueError(f"text_position must be one of {TEXT_POSITION_CHOICES} or a count >= 0 of tokens before "
+                             f"the grid, got {self.text_position!r}")
+        if self.masked_rows is not None and self.masked_rows not in MASKED_ROW_VALUES:
+            raise ValueError(f"masked_rows must be None or one of {MASKED_ROW_VALUES}, got {self.masked_rows!r}")
         for name in ("min_tokens", "dense_layers"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:

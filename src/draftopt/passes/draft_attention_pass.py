@@ -31,7 +31,7 @@ from ..kernels import AttentionPlan, Geometry, check_key_padding_mask, needs_vis
 from ..kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from ..kernels.dispatch import describe
 from .config import DraftConfig
-from .infer_geometry import grid_sources, is_static, n_tokens, text_position_from_graph
+from .infer_geometry import grid_sources, is_static, n_tokens, text_before_from_graph
 from .masks import OuterProductMask, masked_row_value, outer_product_mask
 from .parallel import context_parallel_kind, graph_has_collectives
 from .sites import AttentionSite, default_scale, example_value, find_attention_sites
@@ -55,7 +55,7 @@ class SiteRecord:
     grid: tuple | None = None
     grid_source: str = ""
     text_len: int | None = None
-    text_position: str | None = None
+    text_position: str | int | None = None  # "start", "end", or the count before the grid (Geometry's)
     tile: tuple = ()
     n_tiles: int | None = None
     sparsity: float | None = None
@@ -112,6 +112,9 @@ class ModelContext:
     patch: tuple | None = None
     # The RuntimeControl (kernels/control.py) the selection reads with runtime_sparsity; -1: none.
     control_key: int = -1
+    # The model's hidden-state stream is [history, video] (model_info.history_before_grid): where a graph does
+    # not show how that stream was concatenated, its tokens beside the grid come before the grid.
+    history_first: bool = False
 
 
 @dataclass
@@ -211,14 +214,19 @@ class DraftAttentionPass:
         if text_len:
             position = cfg.text_position
             if position == "auto":
-                position = text_position_from_graph(site.q, N, text_len)
+                position = text_before_from_graph(site.q, N, text_len, history_first=self.context.history_first)
                 if position is None:
-                    raise skip(f"{text_len} text tokens but no concatenation of text and video found on q's "
-                               "path; pass text_position='start' or 'end'")
+                    raise skip(f"{text_len} tokens besides the {N}-token grid, but the concatenations on q's path "
+                               "do not show where the grid lies among them; pass text_position='start', 'end' "
+                               "or the number of them before the grid")
+            elif isinstance(position, int) and position > text_len:
+                raise skip(f"text_position={position} tokens before the grid, but this site has {text_len} tokens "
+                           "besides the grid")
         facts.update(text_len=text_len, text_position=position if text_len else None)
         if N < cfg.min_tokens:
             raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
         geom = Geometry(grid, cfg.tile, text_len, position)
+        facts.update(text_position=geom.text_position if text_len else None)  # a count of 0 / all: "end" / "start"
         facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
         attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
@@ -241,12 +249,14 @@ class DraftAttentionPass:
                            "e.g. [B, 1, 1, L]) nor proven by the graph to be the outer product of one padding "
                            "vector (m[:, None, :, None] & m[:, None, None, :]): draftopt cannot sparsify "
                            "attention with another per-query mask") from None
-            rows = masked_row_value(q.device, q.dtype, D)
+            rows = self.config.masked_rows or masked_row_value(q.device, q.dtype, D)
             if rows is None:
                 raise skip(f"query x key padding mask, but scaled_dot_product_attention on {q.device.type} "
                            f"{str(q.dtype).replace('torch.', '')} gives a fully masked query row neither 0, NaN "
-                           "nor the mean of v: nothing to reproduce it with") from None
-            facts["mask_form"] = "query x key padding"
+                           "nor the mean of v: nothing to reproduce it with. Where those rows are padding no valid "
+                           "token reads (HunyuanVideo 1.5), masked_rows='zero' lets them be zeros") from None
+            given = " (masked rows: {}, by masked_rows)".format(rows) if self.config.masked_rows else ""
+            facts["mask_form"] = "query x key padding" + given
             return outer, rows
         facts["mask_form"] = "key padding"
         return None, None
@@ -278,8 +288,12 @@ def _grid_for(L: int, B: int, sources, facts: dict):
         tried.append(f"{'x'.join(map(str, grid))} = {n_tokens(grid)} ({src.source})")
         if n_tokens(grid) <= L:
             return grid, src.source
+    if not tried:  # e.g. Latte's temporal attention: [B*H*W, heads, T, D] against per-frame patch embeddings
+        raise _Skip(f"no grid for a batch of {B}: the patch embeddings ({'; '.join(s.source for s in sources)}) "
+                    f"fold frames into a batch that is no multiple of {B} (attention across the frames at one "
+                    "position, not over the video)", facts, False)
     # Shorter than the video: text-only attention (a prompt refiner), not a candidate.
-    raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts, bool(not tried))
+    raise _Skip(f"sequence length {L} is shorter than every grid: " + "; ".join(tried), facts, False)
 
 
 def _rewrite(graph: fx.Graph, site: AttentionSite, site_plan: SitePlan, cfg: DraftConfig, control_key: int = -1) -> None:
@@ -325,7 +339,7 @@ class StageArgs(NamedTuple):
     """What the five stages take besides tensors, all plain constants (the diffusers backend gets them from a
     function that Dynamo runs at trace time, so they must be constants to it)."""
 
-    geometry: tuple  # Geometry.op_args(): (T, H, W, th, tw, text_len, text_first)
+    geometry: tuple  # Geometry.op_args(): (T, H, W, th, tw, text_len, text_before)
     block: int
     n_text_blocks: int
     scale: float

@@ -167,34 +167,68 @@ def _check_latent(conv: fx.Node, latent_shape: tuple) -> None:
         )
 
 
-def text_position_from_graph(q: fx.Node, n_visual: int, text_len: int, max_nodes: int = 64) -> str | None:
-    """Follow q's producers (breadth first) to a cat of [text, video] or [video, text]."""
-    seen, todo = set(), deque([q])
+def text_before_from_graph(q: fx.Node, n_visual: int, text_len: int, max_nodes: int = 4096,
+                           history_first: bool = False) -> int | None:
+    """How many of the ``text_len`` tokens off the grid come before it, read off the concatenations that
+    build q's sequence; None where they do not tell.
+
+    The nearest concatenation of the whole sequence on q's path (breadth first) names the part that is the
+    grid ([text, video], [video, text]: HunyuanVideo, CogVideoX, Helios' [history, video]), or the one part
+    that holds it with more tokens, whose own concatenation is then followed the same way (FramePack:
+    [[history, video], text], the history concatenated before the first block). ``max_nodes`` bounds each
+    search: a later block reaches the model's input concatenation through the blocks before it.
+
+    ``history_first``: the model's hidden-state stream is [history, video] (FramePack, Helios, by their
+    class): where the graph does not show that stream's own concatenation (a block graph after a graph
+    break gets it as an input), its tokens beside the grid come before the grid.
+    """
+    return _grid_offset(q, n_visual + text_len, n_visual, max_nodes, 0, history_first)
+
+
+def _grid_offset(node: fx.Node, length: int, n_visual: int, max_nodes: int, depth: int,
+                 history_first: bool) -> int | None:
+    found = _nearest_cat(node, length, max_nodes) if depth <= 8 else None
+    if found is None:
+        return length - n_visual if history_first else None
+    parts, sizes = found
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    grid_at = {starts[i] for i in range(len(sizes)) for j in range(i, len(sizes)) if sum(sizes[i:j + 1]) == n_visual}
+    if grid_at:  # a run of parts that is the grid; two candidate places: ambiguous
+        return grid_at.pop() if len(grid_at) == 1 else None
+    holders = [i for i, n in enumerate(sizes) if n > n_visual]
+    if len(holders) != 1:
+        return None
+    (i,) = holders
+    inner = _grid_offset(parts[i], sizes[i], n_visual, max_nodes, depth + 1, history_first)
+    return None if inner is None else starts[i] + inner
+
+
+def _nearest_cat(start: fx.Node, length: int, max_nodes: int):
+    """(parts, sizes) of the nearest producer of ``start`` (itself included) that concatenates ``length`` tokens."""
+    seen, todo = set(), deque([start])
     while todo and len(seen) < max_nodes:
         n = todo.popleft()
-        if n in seen:
+        if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
         if n.op == "call_function" and n.target in _CAT:
-            pos = _cat_text_position(n, n_visual, text_len)
-            if pos:
-                return pos
+            found = _cat_parts(n)
+            if found is not None and sum(found[1]) == length:
+                return found
         todo.extend(a for a in n.all_input_nodes if a.op != "placeholder")
     return None
 
 
-def _cat_text_position(cat: fx.Node, n_visual: int, text_len: int) -> str | None:
+def _cat_parts(cat: fx.Node):
     parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
-    vals = [example_value(p) for p in parts] if isinstance(parts, (list, tuple)) else []
-    if len(vals) < 2 or any(v is None for v in vals):
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2 or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    vals = [example_value(p) for p in parts]
+    if any(v is None for v in vals):
         return None
     sizes = [v.shape[dim] for v in vals]
-    if sizes[0] == text_len and sum(sizes[1:]) == n_visual:
-        return "start"
-    if sizes[-1] == text_len and sum(sizes[:-1]) == n_visual:
-        return "end"
-    return None
+    return (list(parts), sizes) if all(isinstance(n, int) for n in sizes) else None
 
 
 def is_static(shape) -> bool:
