@@ -228,3 +228,19 @@ def test_two_places_for_the_grid_is_not_guessed():
     assert records[0].status == "skipped" and "do not show where the grid lies" in records[0].reason
     _, records = run_pass(f, a, b, text, text_position=N)
     assert (records[0].status, records[0].text_position) == ("rewritten", N)
+
+
+def test_a_convolution_per_patch_is_no_grid():
+    """A Conv3d over each patch ([B * N, C, 1, 2, 2] -> [B * N, D, 1, 1, 1], JoyImageEditPlus) tells no grid:
+    the site says to pass latent_shape instead of taking a 1x1x1 grid and the video for text."""
+    conv = nn.Conv3d(4, 32, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def f(patches, text):
+        x = conv(patches).flatten(1).reshape(1, -1, 32)
+        x = torch.cat([x, text], 1).unflatten(-1, (2, 16)).transpose(1, 2)
+        return F.scaled_dot_product_attention(x, x, x)
+
+    patches, text = torch.randn(N, 4, 1, 2, 2), torch.randn(1, 5, 32)
+    cfg = dict(latent_shape=None)
+    _, records = run_pass(f, patches, text, **cfg)
+    assert records[0].status == "skipped" and records[0].reason.startswith("no geometry: pass latent_shape")

@@ -93,7 +93,9 @@ def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None, model_patc
         >>> [s.grid for s in grid_sources(gm.graph, latent_shape=(2, 16, 32), model_patch=(1, 2, 2))]
         [(2, 8, 16)]
     """
-    convs, linears = list(_conv_nodes(graph)), _patch_linears(graph)
+    # A convolution with one output position runs per patch (JoyImageEditPlus: [B * N, C, 1, 2, 2]): no grid.
+    convs = [(n, out) for n, out in _conv_nodes(graph) if not _one_position(out)]
+    linears = _patch_linears(graph)
     if latent_shape is not None:
         return [_from_latent(tuple(latent_shape), patch_size, model_patch, convs, linears)]
     sources = []
@@ -108,6 +110,10 @@ def grid_sources(graph: fx.Graph, latent_shape=None, patch_size=None, model_patc
     sources += [GridSource(tuple(x.shape[1:4]), f"input of Linear patch embedding {n.name} {tuple(x.shape)}")
                 for n, x in linears]
     return sources
+
+
+def _one_position(out) -> bool:
+    return all(isinstance(d, int) for d in out.shape[2:]) and math.prod(out.shape[2:]) == 1
 
 
 def _patch(patch_size, model_patch, convs) -> tuple[tuple, str]:
