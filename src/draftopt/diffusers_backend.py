@@ -75,7 +75,7 @@ from .kernels import Geometry, check_key_padding_mask, needs_visual_bias, plan
 from .kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .model_info import FAMILY_HISTORY_INPUTS, check_latent_shape, latent_thw, model_patch, text_position_of
 from .passes import DraftConfig, SiteRecord
-from .passes.draft_attention_pass import SitePlan, StageArgs, stages, text_len_for
+from .passes.draft_attention_pass import SitePlan, StageArgs, check_text_before, stages, text_len_for
 from .passes.infer_geometry import normalize_patch
 from .passes.sites import default_scale
 from .report import GraphRecord, Report
@@ -380,9 +380,7 @@ class AttentionBackendHandle:
                 raise skip(f"{text_len} tokens besides the {N}-token grid and no known text position for "
                            f"{self.model_name}: pass text_position='start', 'end' or the number of them before "
                            "the grid to use_attention_backend")
-            if isinstance(position, int) and position > text_len:
-                raise skip(f"text_position={position} tokens before the grid, but this call has {text_len} tokens "
-                           "besides the grid")
+            check_text_before(position, text_len, skip)
         facts.update(text_len=text_len, text_position=position if text_len else None)
         if N < cfg.min_tokens:
             raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")

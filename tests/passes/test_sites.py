@@ -228,6 +228,8 @@ def test_two_places_for_the_grid_is_not_guessed():
     assert records[0].status == "skipped" and "do not show where the grid lies" in records[0].reason
     _, records = run_pass(f, a, b, text, text_position=N)
     assert (records[0].status, records[0].text_position) == ("rewritten", N)
+    _, records = run_pass(f, a, b, text, text_position=N + 6)  # more than the 69 tokens off the grid
+    assert records[0].status == "skipped" and "text_position=70 tokens before the grid" in records[0].reason
 
 
 def test_a_convolution_per_patch_is_no_grid():

@@ -219,9 +219,7 @@ class DraftAttentionPass:
                     raise skip(f"{text_len} tokens besides the {N}-token grid, but the concatenations on q's path "
                                "do not show where the grid lies among them; pass text_position='start', 'end' "
                                "or the number of them before the grid")
-            elif isinstance(position, int) and position > text_len:
-                raise skip(f"text_position={position} tokens before the grid, but this site has {text_len} tokens "
-                           "besides the grid")
+            check_text_before(position, text_len, skip)
         facts.update(text_len=text_len, text_position=position if text_len else None)
         if N < cfg.min_tokens:
             raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
@@ -269,6 +267,13 @@ def text_len_for(L: int, grid, text_len: int | None, skip) -> int:
     if N + text_len != L:
         raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len {text_len}")
     return text_len
+
+
+def check_text_before(position, text_len: int, skip) -> None:
+    """A given count of tokens before the grid must fit this site's tokens off the grid."""
+    if isinstance(position, int) and position > text_len:
+        raise skip(f"text_position={position} tokens before the grid, but this site has {text_len} tokens besides "
+                   "the grid")
 
 
 def _plain(shape) -> tuple:
