@@ -70,7 +70,7 @@ class DraftOptimizedModule(torch._dynamo.eval_frame.OptimizedModule):
         self._draftopt_records = []
         self._draftopt_dense_depth = 0
         self._draftopt_warmups = weakref.WeakSet()  # DenseWarmups still in their dense steps
-        self._draftopt_checked_sites = False  # whether any attention reached a compiled graph (first call)
+        self._draftopt_checked_sites = False  # whether the first sparse call looked for video attention sites
         self._draftopt_compile = dict(fullgraph=fullgraph, mode=mode, regional=regional,
                                       recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
         self._draftopt_model_patch = model_patch(model)
@@ -224,8 +224,8 @@ def _warn_if_attention_ran_eagerly(model: nn.Module, records: list) -> None:
     if n:
         warnings.warn(
             f"draftopt: {type(model).__name__} has {n} attention modules, but no compiled graph holds a video "
-            f"self-attention call: Dynamo ran them eagerly (graph breaks, e.g. data-dependent ops such as torch.nonzero in the "
-            "attention processor), so its attention stays dense. draftopt.report(model) lists the graphs; "
+            "self-attention call: Dynamo ran them eagerly (graph breaks, e.g. data-dependent ops such as "
+            "torch.nonzero in the attention processor), so its attention stays dense. draftopt.report(model) lists the graphs; "
             "draftopt.use_attention_backend(model) covers processors that call diffusers' dispatch_attention_fn",
             _backend.DraftoptWarning, stacklevel=4)
 
