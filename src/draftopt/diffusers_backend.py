@@ -71,11 +71,12 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .kernels import Geometry, check_key_padding_mask, needs_visual_bias, plan
+from .kernels import check_key_padding_mask, needs_visual_bias, plan
 from .kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .model_info import FAMILY_HISTORY_INPUTS, check_latent_shape, latent_thw, model_patch, text_position_of
 from .passes import DraftConfig, SiteRecord
-from .passes.draft_attention_pass import SitePlan, StageArgs, check_text_before, stages, text_len_for
+from .passes.draft_attention_pass import (SitePlan, StageArgs, check_text_before, site_geometry, stages,
+                                          text_len_for)
 from .passes.infer_geometry import normalize_patch
 from .passes.sites import default_scale
 from .report import GraphRecord, Report
@@ -381,12 +382,7 @@ class AttentionBackendHandle:
                            f"{self.model_name}: pass text_position='start', 'end' or the number of them before "
                            "the grid to use_attention_backend")
             check_text_before(position, text_len, skip)
-        facts.update(text_len=text_len, text_position=position if text_len else None)
-        if N < cfg.min_tokens:
-            raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
-        geom = Geometry(grid, cfg.tile, text_len, position)
-        facts.update(text_position=geom.text_position if text_len else None)  # a count of 0 / all: "end" / "start"
-        facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
+        geom = site_geometry(grid, text_len, position, cfg, facts, skip)
         if not cfg.enabled or dense:
             raise skip("dense mode (handle.dense() or enabled=False): native attention", False)
         att = plan(geom, dtype, device, D, B, cfg.fuse_permute)

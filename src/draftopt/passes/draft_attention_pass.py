@@ -220,12 +220,7 @@ class DraftAttentionPass:
                                "do not show where the grid lies among them; pass text_position='start', 'end' "
                                "or the number of them before the grid")
             check_text_before(position, text_len, skip)
-        facts.update(text_len=text_len, text_position=position if text_len else None)
-        if N < cfg.min_tokens:
-            raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
-        geom = Geometry(grid, cfg.tile, text_len, position)
-        facts.update(text_position=geom.text_position if text_len else None)  # a count of 0 / all: "end" / "start"
-        facts.update(tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
+        geom = site_geometry(grid, text_len, position, cfg, facts, skip)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
         attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
         return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts, query_mask,
@@ -267,6 +262,18 @@ def text_len_for(L: int, grid, text_len: int | None, skip) -> int:
     if N + text_len != L:
         raise skip(f"sequence length {L} is not grid {'x'.join(map(str, grid))} = {N} tokens + text_len {text_len}")
     return text_len
+
+
+def site_geometry(grid, text_len: int, position, cfg: DraftConfig, facts: dict, skip) -> Geometry:
+    """The site's Geometry once grid and text are known, its facts recorded; too few tokens: skip."""
+    facts.update(text_len=text_len, text_position=position if text_len else None)
+    N = n_tokens(grid)
+    if N < cfg.min_tokens:
+        raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
+    geom = Geometry(grid, cfg.tile, text_len, position)
+    facts.update(text_position=geom.text_position if text_len else None,  # a count of 0 / all: "end" / "start"
+                 tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
+    return geom
 
 
 def check_text_before(position, text_len: int, skip) -> None:
