@@ -8,7 +8,7 @@ import pytest
 MODULES = [
     "draftopt.kernels.geometry", "draftopt.kernels.ops.pool", "draftopt.kernels.ops.draft_map",
     "draftopt.kernels.ops.block_mass", "draftopt.kernels.ops.select", "draftopt.kernels.control",
-    "draftopt.passes.config",
+    "draftopt.passes.config", "draftopt.kernels.ops.quantize", "draftopt.kernels.dispatch",
 ]
 
 

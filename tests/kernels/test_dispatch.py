@@ -34,7 +34,7 @@ def test_plan_on_the_cpu(g, fuse_permute, dtype, batch):
     """Off CUDA the PyTorch path runs; it is fused (in place) iff fuse_permute and no tile holds padding."""
     p = plan(g, dtype, "cpu", head_dim=64, batch=batch, fuse_permute=fuse_permute)
     fused = fuse_permute and not g.has_visual_padding
-    assert p == AttentionPlan(Backend.TORCH, fused, fused, "not a CUDA device (cpu)")
+    assert p == AttentionPlan(Backend.TORCH, fused, fused, "not a CUDA device (cpu)", False, str(dtype)[6:])
     assert p.describe() == ("torch, fused in place" if fused else "torch, separate permutes")
 
 
@@ -52,7 +52,8 @@ def test_plan_on_sm90_takes_the_gluon_kernel_fused(capability, g, batch, in_plac
         pytest.skip(f"this Triton has no Gluon ({_sm90_kernel.IMPORT_ERROR})")
     capability((9, 0))
     p = plan(g, torch.bfloat16, CUDA, head_dim=128, batch=batch)
-    assert p == AttentionPlan(Backend.GLUON_SM90, True, in_place, "sm_90, 16-bit, head dim and tile fit")
+    assert p == AttentionPlan(Backend.GLUON_SM90, True, in_place, "sm_90, 16-bit, head dim and tile fit", False,
+                              "bfloat16")
     assert p.describe() == ("gluon_sm90, fused in place" if in_place else "gluon_sm90, fused, permuted inside")
     separate = plan(g, torch.bfloat16, CUDA, head_dim=128, batch=batch, fuse_permute=False)
     assert (separate.backend, separate.fused, separate.in_place) == (Backend.GLUON_SM90, False, False)
@@ -71,7 +72,7 @@ def test_plan_falls_back_to_triton_with_the_reason(capability, cap, dtype, head_
     g = Geometry(grid, tile)
     p = plan(g, dtype, CUDA, head_dim=head_dim, batch=1)
     fused = not g.has_visual_padding
-    assert p == AttentionPlan(Backend.TRITON, fused, fused, reason)
+    assert p == AttentionPlan(Backend.TRITON, fused, fused, reason, False, str(dtype)[6:])
 
 
 def test_plan_without_gluon_warns_once_and_takes_triton(capability, monkeypatch, caplog):
@@ -83,7 +84,8 @@ def test_plan_without_gluon_warns_once_and_takes_triton(capability, monkeypatch,
         p = plan(COVERED, torch.bfloat16, CUDA, 128, 1)
         plan(COVERED, torch.bfloat16, CUDA, 128, 1)
     dispatch._warn_no_gluon.cache_clear()
-    assert p == AttentionPlan(Backend.TRITON, True, True, "Gluon unavailable (no gluon in this build)")
+    assert p == AttentionPlan(Backend.TRITON, True, True, "Gluon unavailable (no gluon in this build)", False,
+                              "bfloat16")
     warnings = [r for r in caplog.records if "Gluon kernel for sm_90 is unavailable" in r.getMessage()]
     assert len(warnings) == 1
 

@@ -13,13 +13,17 @@ Backends:
 
 ``fused`` says whether stages 3-5 (permute, attend, unpermute) are one
 ``tiled_attention`` op; ``in_place`` whether that op's kernel reads the tiles
-where they lie (no permuted copies at all) or permutes inside the op.
+where they lie (no permuted copies at all) or permutes inside the op;
+``fp8`` whether it computes in FP8 (``precision="fp8"``: e4m3 q, k, P and V,
+on the Gluon kernel, or simulated by the PyTorch path; e4m3 copies are made
+in one pass with the permute, so an FP8 site is never in place).
 
 Example:
     >>> from draftopt.kernels import Geometry
     >>> from draftopt.kernels.dispatch import plan
     >>> plan(Geometry((2, 16, 32)), torch.float32, torch.device("cpu"), head_dim=64, batch=1)
-    AttentionPlan(backend=<Backend.TORCH: 'torch'>, fused=True, in_place=True, reason='not a CUDA device (cpu)')
+    AttentionPlan(backend=<Backend.TORCH: 'torch'>, fused=True, in_place=True, reason='not a CUDA device (cpu)', \
+fp8=False, precision='float32')
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Backend(str, enum.Enum):
 
 
 BACKENDS = tuple(b.value for b in Backend)
+PRECISIONS = (None, "fp8")  # None: the inputs' own dtype
+FP8_NAME = "fp8 e4m3"
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class AttentionPlan:
     fused: bool  # stages 3-5 in one op
     in_place: bool  # that op's kernel addresses tiles in place (no permuted copies)
     reason: str  # why this backend (for the report)
+    fp8: bool = False  # e4m3 q, k, P, V (precision="fp8")
+    precision: str = ""  # what the products run in: the dtype's name or FP8_NAME (for the report)
 
     def describe(self) -> str:
         return describe(self.backend.value, self.fused, self.in_place)
@@ -67,6 +75,11 @@ def describe(backend: str, fused: bool, in_place: bool) -> str:
     """A plan in words: "gluon_sm90, fused in place", "triton, separate permutes", ..."""
     layout = ("fused in place" if in_place else "fused, permuted inside") if fused else "separate permutes"
     return f"{backend}, {layout}"
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None (the inputs' dtype) or 'fp8'; got {precision!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +107,7 @@ def sm90_misfit(block: int, dtype: torch.dtype, device: torch.device, head_dim: 
 
 
 def plan(geom: Geometry, dtype: torch.dtype, device, head_dim: int, batch: int,
-         fuse_permute: bool = True) -> AttentionPlan:
+         fuse_permute: bool = True, precision: str | None = None) -> AttentionPlan:
     """The attention kernel for a site of this geometry, dtype, device, head dim and batch.
 
     Permutes are fused where that is faster (docs/design.md, "Stages 3-5 fused"):
@@ -102,7 +115,12 @@ def plan(geom: Geometry, dtype: torch.dtype, device, head_dim: int, batch: int,
     otherwise); with the Triton kernel (and the PyTorch path, to keep one graph
     shape) where no tile holds padding rows, as its masked loads cost more than
     the copies there. ``fuse_permute=False`` keeps separate permute ops.
+
+    ``precision="fp8"`` runs FP8 where a kernel has it: the Gluon kernel, and the
+    PyTorch path (which simulates it); on a CUDA GPU the Gluon kernel cannot take,
+    the site keeps its dtype and ``reason`` says why (the pass warns).
     """
+    check_precision(precision)
     device = torch.device(device)
     if device.type != "cuda":
         backend, reason = Backend.TORCH, f"not a CUDA device ({device.type})"
@@ -113,20 +131,30 @@ def plan(geom: Geometry, dtype: torch.dtype, device, head_dim: int, batch: int,
             misfit = f"Gluon unavailable ({_sm90_kernel.IMPORT_ERROR})"
         backend = Backend.TRITON if misfit else Backend.GLUON_SM90
         reason = misfit or "sm_90, 16-bit, head dim and tile fit"
+    fp8 = precision == "fp8" and backend is not Backend.TRITON
+    if precision == "fp8" and not fp8:
+        reason = f"{reason}; fp8 needs the sm_90 kernel, so it computes in {_name(dtype)}"
     if backend is Backend.GLUON_SM90:
         fused = bool(fuse_permute)
-        in_place = fused and reads_in_place(geom, batch)
+        in_place = fused and not fp8 and reads_in_place(geom, batch)
     else:
         fused = bool(fuse_permute) and not geom.has_visual_padding
         in_place = fused
-    return AttentionPlan(backend, fused, in_place, reason)
+    return AttentionPlan(backend, fused, in_place, reason, fp8, FP8_NAME if fp8 else _name(dtype))
 
 
-def check_backend(backend: str, q: torch.Tensor, block: int) -> Backend:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_backend(backend: str, q: torch.Tensor, block: int, fp8: bool = False) -> Backend:
     """The backend an op was given, refused with a clear error where it cannot run on ``q``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     chosen = Backend(backend)
+    if fp8 and chosen is Backend.TRITON:
+        raise ValueError("fp8 attention runs on backend 'gluon_sm90' (Hopper) or 'torch' (simulated), not "
+                         "'triton'; pass fp8=False or let draftopt plan it (backend=None)")
     if chosen is Backend.GLUON_SM90:
         if not _sm90_kernel.HAVE_GLUON:
             raise RuntimeError(f"backend 'gluon_sm90' needs Triton's Gluon: {_sm90_kernel.IMPORT_ERROR}")

@@ -49,6 +49,7 @@ def draft_attention(
     cdf_threshold: float = 0.9,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    precision: str | None = None,
     return_mask: bool = False,
 ):
     """Draft attention for a video self-attention call, a drop-in for SDPA.
@@ -65,6 +66,8 @@ def draft_attention(
         cdf_threshold: draft mass a query tile must cover, for "cdf".
         attn_mask: optional key padding mask (bool: True = attend, or additive).
         scale: softmax scale (default 1/sqrt(D)).
+        precision: None (q's dtype) or "fp8": e4m3 products on Hopper (simulated on the CPU);
+            a ValueError where no kernel for it runs (``DraftConfig`` explains the scheme).
         return_mask: also return the DraftBlockMask that was used.
 
     Returns:
@@ -107,8 +110,10 @@ def draft_attention(
 
     bias = permuted_key_bias(attn_mask, B, H, geom, q.device)
     attend = dict(key_bias=bias, scale=scale, visual_bias=needs_visual_bias(attn_mask is not None, geom))
-    chosen = plan(geom, q.dtype, q.device, D, B)
-    attend["backend"] = chosen.backend.value
+    chosen = plan(geom, q.dtype, q.device, D, B, precision=precision)
+    if precision == "fp8" and not chosen.fp8:
+        raise ValueError(f"precision='fp8' cannot run here: {chosen.reason}")
+    attend.update(backend=chosen.backend.value, precision=precision)
     if chosen.fused:
         out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, **attend)
     else:

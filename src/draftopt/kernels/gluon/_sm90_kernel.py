@@ -43,6 +43,10 @@ except ImportError as e:  # pragma: no cover - depends on the Triton build
 
 HAVE_GLUON = IMPORT_ERROR is None
 
+# FP8: P is scaled by this before its e4m3 cast, so that its small entries stay normal numbers (e4m3's
+# smallest normal is 2**-6: unscaled, entries below ~2**-9 of their row's maximum would round to 0).
+FP8_P_SCALE = 256.0
+
 if HAVE_GLUON:
 
     @gluon.jit
@@ -138,11 +142,35 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_new)
         return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
 
+    P_SCALE = gl.constexpr(FP8_P_SCALE)
+
+    @gluon.jit
+    def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, p_smem, FP8: gl.constexpr):
+        """P (float32, S's layout) as the A operand of the PV product: in registers, or for FP8 in this
+        warpgroup's shared buffer (Triton 3.6 cannot wait on a wgmma that reads 8-bit registers: "Unexpected
+        bitwidth in WGMMAWaitGroupOp"). The caller has waited for the product that read the buffer last."""
+        if FP8:
+            p_smem.store((p * P_SCALE).to(dtype))
+            fence_async_shared()
+            op = p_smem
+        else:
+            op = gl.convert_layout(p.to(dtype), p_layout)
+        return op
+
+    @gluon.jit
+    def _v_operand(v_smem, vs, FP8: gl.constexpr):
+        """V buffer ``vs`` as the [BLOCK, D] B operand: FP8 wgmma reads B K-major, so FP8 buffers hold V^T."""
+        buf = v_smem.index(vs)
+        if FP8:  # one return: Gluon checks every return's type, even under a constexpr branch
+            buf = buf.permute((1, 0))
+        return buf
+
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                   q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                  idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
-                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr):
+                  idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw, bh,
+                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, TILE_H: gl.constexpr, IN_PLACE: gl.constexpr,
+                  FP8: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
         for c in gl.static_range(2):  # the two halves of the query block, one per consumer
@@ -156,24 +184,30 @@ if HAVE_GLUON:
                         0, BLOCK, TILE_H, IN_PLACE)
             vs = j % V_STAGES
             mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-            _load_block(v_desc, vv_desc, vt_desc, v_smem.index(vs), v_ready.index(vs), kb, kr, h, n_tiles, nw, nhw,
-                        0, BLOCK, TILE_H, IN_PLACE)
+            if FP8:  # V^T [B*heads*D, Lp]: block kb is the columns of its tokens
+                mbarrier.expect(v_ready.index(vs), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [bh * v_desc.block_type.shape[0], kb * BLOCK], v_ready.index(vs), v_smem.index(vs))
+            else:
+                _load_block(v_desc, vv_desc, vt_desc, v_smem.index(vs), v_ready.index(vs), kb, kr, h, n_tiles, nw,
+                            nhw, 0, BLOCK, TILE_H, IN_PLACE)
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem,
+    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem,
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                  bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, pid_m, h, nw, nhw,
-                  VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr):
+                  bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
+                  nw, nhw, VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
-        dtype: gl.constexpr = o_desc.dtype
+        dtype: gl.constexpr = k_smem.dtype  # the operands' type (e4m3 for FP8); the output is o_desc's
+        # wgmma takes 32 bytes of K per instruction: 16 elements of 16 bits, 32 of 8 bits.
+        K_INSTR: gl.constexpr = 32 if FP8 else 16
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK, 16])
+                                                           instr_shape=[16, BLOCK, K_INSTR])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                           instr_shape=[16, HEAD_D, K_INSTR])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=K_INSTR // 8)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         q_mine = q_smem.index(c)
@@ -192,7 +226,7 @@ if HAVE_GLUON:
             p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
         else:
             p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = _p_operand(p, dtype, p_layout, p_smem.index(c), FP8)
 
         for j in range(1, n_total):
             ks = j % K_STAGES
@@ -204,7 +238,7 @@ if HAVE_GLUON:
                 mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
             s_tok = warpgroup_mma(q_mine, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
-            acc_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
+            acc_tok = warpgroup_mma(p_op, _v_operand(v_smem, vs, FP8), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - c))
             s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -214,35 +248,45 @@ if HAVE_GLUON:
                 p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
             else:
                 p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+            if FP8:
+                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+            else:
+                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
             mbarrier.arrive(v_empty.index(vs))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p_op = _p_operand(p, dtype, p_layout, p_smem.index(c), FP8)
 
         vs = (n_total - 1) % V_STAGES
         mbarrier.wait(v_ready.index(vs), ((n_total - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
+        acc = warpgroup_mma(p_op, _v_operand(v_smem, vs, FP8), acc)
         mbarrier.arrive(v_empty.index(vs))
 
         l_o = gl.convert_layout(l_i, row_o)
         l_o = gl.where(l_o == 0.0, 1.0, l_o)  # rows whose keys are all masked -> zeros
-        q_mine.store((acc / l_o[:, None]).to(dtype))  # these q rows are no longer read
+        o_mine = o_smem.index(c)  # q's buffer where the types match: these q rows are no longer read
+        if FP8:
+            o_mine.store((acc * (v_scale / l_o)[:, None]).to(o_desc.dtype))
+        else:
+            o_mine.store((acc / l_o[:, None]).to(o_desc.dtype))
         fence_async_shared()
-        _store_block(o_desc, ov_desc, ot_desc, q_mine, pid_m, q_row + c * ROWS, h, n_tiles, nw, nhw, c,
+        _store_block(o_desc, ov_desc, ot_desc, o_mine, pid_m, q_row + c * ROWS, h, n_tiles, nw, nhw, c,
                      BLOCK, TILE_H, IN_PLACE)
         tma.store_wait(0)
 
     @gluon.jit
     def _attend_sm90_kernel(
         q_desc, k_desc, v_desc, o_desc, qv_desc, kv_desc, vv_desc, ov_desc, qt_desc, kt_desc, vt_desc, ot_desc,
-        Bias, KvIdx, KvCnt,
+        Bias, KvIdx, KvCnt, QScale, KScale, VScale,
         stride_bb, stride_bh, stride_ib, stride_ih, stride_is, stride_cb, stride_ch,
         n_heads, n_bh, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw, n_sm,
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
         TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, ROTATE: gl.constexpr,
+        FP8: gl.constexpr,
     ):
         # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
         # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
+        # FP8: tile-major e4m3 q, k and V^T (v_desc over [B*heads*D, Lp]) with float32 scales: QScale per
+        # query block [B*heads, Lp / BLOCK], KScale and VScale per head [B*heads]; a 16-bit output.
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         ROWS: gl.constexpr = q_desc.block_type.shape[0]  # query rows per consumer warpgroup
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
@@ -275,10 +319,21 @@ if HAVE_GLUON:
             j0 = ((pid % n_sm) * n_vis) // n_sm
         bias_bh = Bias + b * stride_bb + h * stride_bh
         q_row = bh_row0 + pid_m * BLOCK
+        v_scale = qk_scale * 0.0 + 1.0
+        if FP8:  # dequantization folded into the softmax scale and the epilogue
+            qk_scale = qk_scale * gl.load(QScale + bh * (Lp // BLOCK) + pid_m) * gl.load(KScale + bh)
+            v_scale = gl.load(VScale + bh) / P_SCALE
 
         q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_D], v_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]],
+                                           v_desc.layout)
+        if FP8:  # a 16-bit output does not fit q's 8-bit buffer; P goes through shared memory (_p_operand)
+            o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, ROWS, HEAD_D], o_desc.layout)
+            p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK], k_desc.layout)  # 128-byte rows, as K's
+        else:
+            o_smem = q_smem
+            p_smem = q_smem  # unused
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -297,14 +352,16 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                         pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
-            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                         v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale,
-                         pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE, PINGPONG)),
+            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
+                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE,
+                         PINGPONG, FP8)),
+            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
+                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE,
+                         PINGPONG, FP8)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw,
-                         K_STAGES, V_STAGES, TILE_H, IN_PLACE)),
+                         idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw, bh,
+                         K_STAGES, V_STAGES, TILE_H, IN_PLACE, FP8)),
         ], [4, 1], [232, 24])  # consumer 1: 4 warps, 232 registers; producer: 1 warp, 24

@@ -34,6 +34,8 @@ class Sm90Tuning:
 
 
 DEFAULT_TUNING = Sm90Tuning()
+# FP8 runs best without ping-pong: 26.1 ms against 27.0 at HunyuanVideo 720p 0.9 on the H200 (docs/design.md).
+DEFAULT_FP8_TUNING = Sm90Tuning(pingpong=False)
 
 
 def reads_in_place(geom: Geometry, batch: int) -> bool:
@@ -50,7 +52,7 @@ def _n_sm(index) -> int:
 
 
 def _gl_dtype(dtype):
-    return {torch.bfloat16: K.gl.bfloat16, torch.float16: K.gl.float16}[dtype]
+    return {torch.bfloat16: K.gl.bfloat16, torch.float16: K.gl.float16, torch.float8_e4m3fn: K.gl.float8e4nv}[dtype]
 
 
 def _desc(t, shape, strides, block, gl_dtype):
@@ -58,18 +60,19 @@ def _desc(t, shape, strides, block, gl_dtype):
 
 
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, tuning: Sm90Tuning):
+            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None):
     if Lp != (n_tiles + n_text_blocks) * BLOCK:
         raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
     n_bh = kv_cnt.shape[0] * n_heads
+    scales = fp8_scales if fp8_scales is not None else (bias_b,) * 3  # unread without FP8
     K._attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
-        *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt,
+        *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt, *scales,
         bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         n_heads, n_bh, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw, _n_sm(kv_cnt.device.index),
         VISUAL_BIAS=bool(visual_bias), K_STAGES=tuning.k_stages, V_STAGES=tuning.v_stages, TILE_H=tile_h,
-        IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, num_warps=4,
+        IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, FP8=fp8_scales is not None, num_warps=4,
     )
 
 
@@ -86,6 +89,25 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
           for t in (q, k, v, out)]
     _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
             visual_bias, False, tuning)
+    return out
+
+
+def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks,
+                    visual_bias, out_dtype, tuning: Sm90Tuning = DEFAULT_FP8_TUNING):
+    """FP8 attention on tile-major e4m3 operands (``triton/quantize.py`` makes them): q8, k8 [B, heads, Lp, D],
+    vt8 = V^T [B, heads, D, Lp]; float32 scales q_scale [B, heads, Lp / 128], k_scale and v_scale [B, heads].
+    Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit)."""
+    B, heads, Lp, D = q8.shape
+    out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
+    f8, o16 = _gl_dtype(torch.float8_e4m3fn), _gl_dtype(out_dtype)
+    rows = B * heads * Lp
+    qd = _desc(q8, [rows, D], [D, 1], [BLOCK // 2, D], f8)
+    kd = _desc(k8, [rows, D], [D, 1], [BLOCK, D], f8)
+    vd = _desc(vt8, [B * heads * D, Lp], [Lp, 1], [D, BLOCK], f8)
+    od = _desc(out, [rows, D], [D, 1], [BLOCK // 2, D], o16)
+    tm = [qd, kd, vd, od]
+    _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
+            visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()))
     return out
 
 

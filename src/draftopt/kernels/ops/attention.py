@@ -27,17 +27,25 @@ from torch.library import triton_op
 
 from .._utils import check_dtype, make_inference_only, refuse_grad
 from ..block_mask import indices_to_dense
-from ..dispatch import Backend, check_backend, plan
+from ..dispatch import Backend, check_backend, check_precision, plan
 from ..geometry import Geometry, original_to_permuted_index, permuted_source_index
+from ..gluon._sm90_kernel import FP8_P_SCALE
+from ..gluon.attention import BLOCK as SM90_BLOCK
 from ..gluon.attention import reads_in_place
 from ..triton.attention import block_sparse_attention_triton, tiled_attention_triton
 from ..triton.gather import gather_rows_triton
+from ..triton.quantize import fp8_operands_triton
 from .key_bias import needs_visual_bias, permuted_key_bias
 from .permute import gather_rows_reference
+from .quantize import dequantized, fp8_operands_reference
 
 
-def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks):
-    """Dense attention with the block mask expanded to tokens (float32, float64 for float64 input)."""
+def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
+                                     fp8_p: bool = False):
+    """Dense attention with the block mask expanded to tokens (float32, float64 for float64 input).
+
+    ``fp8_p``: round the softmax's numerators to e4m3 (times 256) before the PV product, as the FP8
+    kernel does (its row sums stay float32)."""
     B, H, Lp, _ = q.shape
     S = kv_idx.shape[2]
     nb = S + n_text_blocks
@@ -47,8 +55,13 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
     allowed = blocks.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale + key_bias.to(acc)[..., None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
+    if fp8_p:
+        e = torch.exp(scores - scores.amax(-1, keepdim=True))
+        p = (e * FP8_P_SCALE).to(torch.float8_e4m3fn).to(acc) / FP8_P_SCALE / e.sum(-1, keepdim=True)
+    else:
+        p = torch.softmax(scores, dim=-1)
     # A row whose keys are all masked gives zeros, as the kernels do; NaN and Inf propagate as in SDPA.
-    p = torch.softmax(scores, dim=-1).masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
+    p = p.masked_fill((scores == float("-inf")).all(-1, keepdim=True), 0.0)
     # Skipped blocks are never read, as in the kernels: a NaN or Inf in v reaches only the entries of the
     # rows whose kept blocks hold it. p is 0 outside `allowed`, and p @ v alone would spread 0 * NaN to
     # every row. No data-dependent branch: this also runs traced (torch.compile) and on CUDA.
@@ -59,18 +72,47 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
     return out.to(q.dtype)
 
 
-def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry):
+def block_sparse_attention_fp8_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
+                                         src: torch.Tensor | None = None):
+    """FP8 attention as the Hopper kernel computes it: q, k, v quantized (``ops/quantize.py``, from the rows
+    ``src`` of q, k, v; default: they are tile-major already), P rounded to e4m3; output in q's dtype."""
+    if src is None:
+        src = torch.arange(q.shape[2], device=q.device)
+    operands = fp8_operands_reference(q, k, v, src, block)
+    qd, kd, vd = dequantized(*operands, block)
+    out = block_sparse_attention_reference(qd, kd, vd, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks, True)
+    return out.to(q.dtype)
+
+
+def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, fp8: bool = False):
     """The unfused stages: permute, block-sparse attention, unpermute (output with q's strides)."""
-    qp, kp, vp = (gather_rows_reference(t, permuted_source_index(geom, t.device)) for t in (q, k, v))
-    out_p = block_sparse_attention_reference(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.block,
-                                             geom.n_text_blocks)
+    src = permuted_source_index(geom, q.device)
+    if fp8:
+        out_p = block_sparse_attention_fp8_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block,
+                                                     geom.n_text_blocks, src)
+    else:
+        qp, kp, vp = (gather_rows_reference(t, src) for t in (q, k, v))
+        out_p = block_sparse_attention_reference(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.block,
+                                                 geom.n_text_blocks)
     out = torch.empty_like(q)
     out.copy_(gather_rows_reference(out_p, original_to_permuted_index(geom, q.device)))
     return out
 
 
-def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias):
-    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies."""
+def _attend_sm90_fp8(q, k, v, src, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_text_blocks, visual_bias):
+    """The Gluon FP8 kernel on e4m3 tile-major copies of the rows ``src`` of q, k, v (tile-major output)."""
+    operands = fp8_operands_triton(q, k, v, src, SM90_BLOCK)
+    return torch.ops.draftopt.attend_sm90_fp8(*operands, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_text_blocks,
+                                              visual_bias, q.dtype)
+
+
+def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias, fp8):
+    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies
+    (FP8: e4m3 copies, made in the same pass as the permute)."""
+    if fp8:
+        out_p = _attend_sm90_fp8(q, k, v, permuted_source_index(geom, q.device), kv_idx, kv_cnt, key_bias, scale,
+                                 geom.n_tiles, geom.n_text_blocks, visual_bias)
+        return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
     if reads_in_place(geom, q.shape[0]):
         return torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
                                                        visual_bias)
@@ -85,14 +127,20 @@ def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geomet
 def _block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
     key_bias: torch.Tensor, scale: float, block: int, n_text_blocks: int, visual_bias: bool, backend: str,
+    fp8: bool = False,
 ) -> torch.Tensor:
-    chosen = check_backend(backend, q, block)
+    chosen = check_backend(backend, q, block, fp8)
+    if chosen is Backend.GLUON_SM90 and fp8:
+        return _attend_sm90_fp8(q, k, v, torch.arange(q.shape[2], device=q.device), kv_idx, kv_cnt, key_bias,
+                                scale, kv_idx.shape[2], n_text_blocks, visual_bias)
     if chosen is Backend.GLUON_SM90:
         return torch.ops.draftopt.attend_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, kv_idx.shape[2],
                                               n_text_blocks, visual_bias)
     if chosen is Backend.TRITON:
         return block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
                                              visual_bias)
+    if fp8:
+        return block_sparse_attention_fp8_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
     return block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks)
 
 
@@ -100,23 +148,24 @@ def _block_sparse_attention_op(
 def _tiled_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
     key_bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int, tw: int, text_len: int,
-    text_before: int, visual_bias: bool, backend: str,
+    text_before: int, visual_bias: bool, backend: str, fp8: bool = False,
 ) -> torch.Tensor:
     geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
-    chosen = check_backend(backend, q, geom.block)
+    chosen = check_backend(backend, q, geom.block, fp8)
     if chosen is Backend.GLUON_SM90:
-        return _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
+        return _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, fp8)
     if chosen is Backend.TRITON:
         return tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
-    return tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom)
+    return tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, fp8)
 
 
 make_inference_only(_block_sparse_attention_op, "block_sparse_attention")
 make_inference_only(_tiled_attention_op, "tiled_attention")
 
 
-def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_bias, backend):
-    """Shared checks and defaults of the two wrappers: (key_bias, scale, visual_bias, backend)."""
+def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_bias, backend, precision):
+    """Shared checks and defaults of the two wrappers: (key_bias, scale, visual_bias, backend, fp8)."""
+    check_precision(precision)
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -131,15 +180,19 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
         visual_bias = needs_visual_bias(key_bias is not None, geom)
     if key_bias is None:
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
+    fp8 = precision == "fp8"
     if backend is None:
-        backend = plan(geom, q.dtype, q.device, D, B).backend.value
-    return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias), str(backend)
+        planned = plan(geom, q.dtype, q.device, D, B, precision=precision)
+        if fp8 and not planned.fp8:
+            raise ValueError(f"precision='fp8' cannot run here: {planned.reason}")
+        backend = planned.backend.value
+    return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias), str(backend), fp8
 
 
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
     geom: Geometry, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
-    visual_bias: bool | None = None, backend: str | None = None,
+    visual_bias: bool | None = None, backend: str | None = None, precision: str | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention on tile-major q, k, v [B, heads, Lp, D] (see the module doc).
 
@@ -147,19 +200,20 @@ def block_sparse_attention(
     ``visual_bias``: whether ``key_bias`` may be nonzero on visual key tiles
     (default: True when ``key_bias`` is given, else whether the geometry has
     padding rows in edge tiles). ``backend``: None plans it (``dispatch.plan``).
+    ``precision``: None (q's dtype) or "fp8" (e4m3 q, k, P, V; ``ops/quantize.py``).
     """
     if q.dim() == 4 and q.shape[2] != geom.padded_len:
         raise ValueError(f"q has {q.shape[2]} rows; the tile-major layout of {geom} has {geom.padded_len}")
-    key_bias, scale, visual_bias, backend = _checked_args("block_sparse_attention", q, k, v, kv_idx, kv_cnt, geom,
-                                                          key_bias, scale, visual_bias, backend)
+    key_bias, scale, visual_bias, backend, fp8 = _checked_args("block_sparse_attention", q, k, v, kv_idx, kv_cnt,
+                                                               geom, key_bias, scale, visual_bias, backend, precision)
     return torch.ops.draftopt.block_sparse_attention(
-        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, visual_bias, backend)
+        q, k, v, kv_idx, kv_cnt, key_bias, scale, geom.block, geom.n_text_blocks, visual_bias, backend, fp8)
 
 
 def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
     geom: Geometry, *, key_bias: torch.Tensor | None = None, scale: float | None = None,
-    visual_bias: bool | None = None, backend: str | None = None,
+    visual_bias: bool | None = None, backend: str | None = None, precision: str | None = None,
 ) -> torch.Tensor:
     """Stages 3-5 in one op: block-sparse attention on q, k, v in the original token order.
 
@@ -167,6 +221,7 @@ def tiled_attention(
     the kernel reads each tile's rows where they are (any strides, e.g. SDPA's
     transposed [B, L, heads, D] views) and writes the output rows to their
     original places. ``key_bias`` is in the tile-major layout (``permuted_key_bias``).
+    ``precision="fp8"``: e4m3 products (the module doc of ``block_sparse_attention``).
 
     Example:
         >>> from draftopt.kernels import Geometry, draft_map, select_blocks, tile_pool, tiled_attention
@@ -178,7 +233,7 @@ def tiled_attention(
     """
     if q.dim() == 4:
         geom.check_seq_len(q.shape[2], "q")
-    key_bias, scale, visual_bias, backend = _checked_args("tiled_attention", q, k, v, kv_idx, kv_cnt, geom,
-                                                          key_bias, scale, visual_bias, backend)
+    key_bias, scale, visual_bias, backend, fp8 = _checked_args("tiled_attention", q, k, v, kv_idx, kv_cnt, geom,
+                                                               key_bias, scale, visual_bias, backend, precision)
     return torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
-                                              visual_bias, backend)
+                                              visual_bias, backend, fp8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import Geometry
-from ..gluon.attention import attend_sm90, attend_sm90_in_place
+from ..gluon.attention import attend_sm90, attend_sm90_fp8, attend_sm90_in_place
 
 
 @torch.library.custom_op("draftopt::attend_sm90", mutates_args=())
@@ -39,3 +39,20 @@ def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @_attend_sm90_in_place_op.register_fake
 def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_before, visual_bias):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("draftopt::attend_sm90_fp8", mutates_args=())
+def _attend_sm90_fp8_op(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale: torch.Tensor,
+                        k_scale: torch.Tensor, v_scale: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
+                        bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int, visual_bias: bool,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """Tile-major e4m3 q8, k8 [B, heads, Lp, D] and V^T vt8 [B, heads, D, Lp] (ops/quantize.py) -> tile-major
+    output in ``out_dtype``."""
+    return attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles,
+                           n_text_blocks, visual_bias, out_dtype)
+
+
+@_attend_sm90_fp8_op.register_fake
+def _(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
+      out_dtype):
+    return q8.new_empty(q8.shape, dtype=out_dtype)
