@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch._logging import trace_structured
 
+from .kernels.dispatch import FP8_NAME
 from .passes import DraftAttentionPass, DraftConfig, ModelContext, find_attention_sites
 from .passes.infer_geometry import is_static
 from .passes.sites import example_value
@@ -84,6 +85,7 @@ def _compile_static(gm: fx.GraphModule, example_inputs, config: DraftConfig, mod
     rewritten = sum(s.status == "rewritten" for s in record.sites)
     log.info("draftopt: graph %d: %d attention sites, %d rewritten", record.index, len(record.sites), rewritten)
     _tell_dense(record, config.strict)
+    _tell_precision(record, config.precision)
     # Next to Inductor's own artifacts for TORCH_TRACE / tlparse users.
     trace_structured("artifact", metadata_fn=lambda: {"name": "draftopt_report", "encoding": "json"},
                      payload_fn=lambda: Report([record]).to_json())
@@ -173,6 +175,15 @@ def _tell_dense(record: GraphRecord, strict: bool) -> None:
     if strict:
         raise DenseSitesError(message + " (strict=True)")
     warnings.warn(message, DraftoptWarning, stacklevel=2)
+
+
+def _tell_precision(record: GraphRecord, precision: str | None) -> None:
+    """One warning per graph when precision="fp8" was asked for and a rewritten site computes in its dtype."""
+    plain = [s for s in record.sites if s.status == "rewritten" and precision == "fp8" and s.precision != FP8_NAME]
+    if plain:
+        warnings.warn(f"draftopt: precision='fp8' was asked for, but {len(plain)} rewritten site(s) of graph "
+                      f"{record.index} compute in {plain[0].precision}: {plain[0].kernel_reason}", DraftoptWarning,
+                      stacklevel=2)
 
 
 class _TensorSpec(NamedTuple):

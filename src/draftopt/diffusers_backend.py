@@ -385,11 +385,10 @@ class AttentionBackendHandle:
         geom = site_geometry(grid, text_len, position, cfg, facts, skip)
         if not cfg.enabled or dense:
             raise skip("dense mode (handle.dense() or enabled=False): native attention", False)
-        att = plan(geom, dtype, device, D, B, cfg.fuse_permute)
+        att = plan(geom, dtype, device, D, B, cfg.fuse_permute, cfg.precision)
         scale = float(scale) if scale is not None else default_scale(D)
         site_plan = SitePlan(geom, scale, att, needs_visual_bias(mask is not None, geom), facts)
-        record = SiteRecord(site, "sdpa", "rewritten", node="dispatch_attention_fn", kernel=att.backend.value,
-                            fused=att.fused, in_place=att.in_place, kernel_reason=att.reason, **facts)
+        record = SiteRecord.rewritten(site, "sdpa", "dispatch_attention_fn", att, facts)
         return record, _CallPlan(StageArgs.of(site_plan, cfg, site), B, H, mask_2d)
 
     def _grid(self, hidden, facts) -> tuple[tuple, str]:

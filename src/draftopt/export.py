@@ -151,6 +151,8 @@ _UNSUPPORTED = {
                         "node does not carry yet"),
     "runtime_sparsity": (False, "an exported file has its sparsity fixed in the node's attributes"),
     "capture_masks": (False, "an exported graph cannot record masks"),
+    "precision": (None, "the DraftAttention node computes in its inputs' dtype; FP8 attention is Hopper's Gluon "
+                        "kernel, which ONNX runtimes do not have"),
 }
 
 

@@ -216,7 +216,7 @@ class Report:
                     s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
                     "x".join(map(str, s.tile)) if s.tile else "-", s.n_tiles if s.n_tiles is not None else "-", text,
                     mask, s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
-                    s.parallel or "-", s.plan, s.status, s.reason or "-",
+                    s.parallel or "-", s.plan, s.precision or s.dtype or "-", s.status, s.reason or "-",
                 ])
                 if onnx:  # next to the site's name
                     rows[-1].insert(3, g.onnx_nodes.get(s.name, "-"))
@@ -227,7 +227,7 @@ class Report:
         return headers[:3] + ["onnx node"] + headers[3:] if self._onnx_nodes() else headers
 
     _SITE_HEADERS = ["graph", "source", "site", "kind", "q BxHxLxD", "kv L", "grid", "tile", "S", "text", "mask",
-                     "policy", "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "kernel", "status", "reason"]
+                     "policy", "sparsity", "GFLOP dense", "GFLOP sparse", "parallel", "kernel", "precision", "status", "reason"]
     _OP_HEADERS = ["op", "before", "after", "change"]
 
     def _summary_lines(self) -> list[str]:

@@ -88,7 +88,7 @@ def test_site_table_shows_each_sites_kernel_plan(wan_report, hunyuan_report):
     assert all(s.plan == "-" and s.kernel == "" for s in wan_report.skipped + hunyuan_report.skipped)
     lines = str(wan_report).splitlines()
     header = next(line for line in lines if line.lstrip().startswith("graph") and "site" in line)
-    assert header.split()[-4:] == ["parallel", "kernel", "status", "reason"] and "permute" not in header
+    assert header.split()[-5:] == ["parallel", "kernel", "precision", "status", "reason"] and "permute" not in header
     rows = [line for line in lines if "blocks.0.attn" in line]
     assert "torch, fused in place" in rows[0] and "rewritten" in rows[0]
     assert "torch, fused in place" not in rows[1] and "skipped" in rows[1]

@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 
+from ..kernels.dispatch import check_precision
 from ..kernels.geometry import TEXT_POSITIONS, Geometry
 from .masks import MASKED_ROW_VALUES
 from ..kernels.sparsity import GLOBAL_POLICIES, POLICIES, as_number, check_selection_args
@@ -77,6 +78,12 @@ class DraftConfig:
             whatever SDPA gives: the output of such a row then differs from the original's, which
             is harmless where the rows are padding no valid token reads (HunyuanVideo 1.5: its
             output matches the original, tests/api/test_gpu_coverage.py).
+        precision: None (attention computes in the inputs' dtype) or "fp8": e4m3 q, k, P and V on
+            Hopper's FP8 tensor cores (q per block, k after removing its mean and v per head scaled
+            to e4m3's range; BENCHMARKS.md gives its speed and error). Opt-in: its error is several
+            times bf16's. Where the sm_90 kernel cannot run the site (another GPU, head dim, ...) it
+            keeps its dtype, the report says why and ``optimize`` warns; on the CPU the PyTorch path
+            simulates it.
 
     Example:
         >>> DraftConfig(sparsity=0.8, policy="topk", tile=(8, 16)).sparsity
@@ -105,6 +112,7 @@ class DraftConfig:
     max_error: float | None = None
     runtime_sparsity: bool = False
     masked_rows: str | None = None
+    precision: str | None = None
 
     def __post_init__(self):
         # numpy scalars and one-element tensors count as numbers
@@ -139,6 +147,7 @@ class DraftConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_precision(self.precision)
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {self.compiler!r}")
 

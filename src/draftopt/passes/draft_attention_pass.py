@@ -67,6 +67,7 @@ class SiteRecord:
     fused: bool = False  # permute, attention and unpermute in one op
     in_place: bool = False  # that op's kernel reads tiles in place (no permuted copies)
     kernel_reason: str = ""
+    precision: str = ""  # what the rewritten site computes in: its dtype or "fp8 e4m3"
     # A video self-attention site draftopt should rewrite (False: cross-attention, text-only, or dense on
     # request): a candidate left dense is what the backend warns about.
     candidate: bool = True
@@ -74,6 +75,11 @@ class SiteRecord:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def rewritten(cls, name: str, kind: str, node: str, att: AttentionPlan, facts: dict) -> "SiteRecord":
+        return cls(name, kind, "rewritten", node=node, kernel=att.backend.value, fused=att.fused,
+                   in_place=att.in_place, kernel_reason=att.reason, precision=att.precision, **facts)
 
     @property
     def plan(self) -> str:
@@ -154,9 +160,7 @@ class DraftAttentionPass:
                 continue
             _rewrite(gm.graph, site, site_plan, cfg, self.context.control_key)
             att = site_plan.attention
-            records.append(SiteRecord(site.name, site.kind, "rewritten", node=site.node.name, kernel=att.backend.value,
-                                      fused=att.fused, in_place=att.in_place, kernel_reason=att.reason,
-                                      **site_plan.facts))
+            records.append(SiteRecord.rewritten(site.name, site.kind, site.node.name, att, site_plan.facts))
             self.counters["rewritten"] += 1
             log.info("draftopt: rewrote %s (%s; %s)", site.name, site_plan.geometry, att.describe())
         if self.counters["rewritten"]:
@@ -222,7 +226,7 @@ class DraftAttentionPass:
             check_text_before(position, text_len, skip)
         geom = site_geometry(grid, text_len, position, cfg, facts, skip)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
-        attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute)
+        attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute, cfg.precision)
         return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts, query_mask,
                         masked_rows)
 
@@ -365,13 +369,14 @@ class StageArgs(NamedTuple):
     site: str
     max_error: float | None = None  # the quality guard's bound (None: off)
     control_key: int = -1  # the RuntimeControl the selection reads (runtime_sparsity); -1: none
+    fp8: bool = False  # e4m3 attention (the plan's precision)
 
     @classmethod
     def of(cls, site_plan: SitePlan, cfg: DraftConfig, site: str, control_key: int = -1) -> "StageArgs":
         geom, att = site_plan.geometry, site_plan.attention
         return cls(geom.op_args(), geom.block, geom.n_text_blocks, site_plan.scale, att.backend.value, att.fused,
                    site_plan.visual_bias, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold),
-                   cfg.capture_masks, site, cfg.max_error, control_key)
+                   cfg.capture_masks, site, cfg.max_error, control_key, att.fp8)
 
 
 def stages(call, q, k, v, mask, B: int, H: int, device, a: StageArgs):
@@ -391,10 +396,10 @@ def stages(call, q, k, v, mask, B: int, H: int, device, a: StageArgs):
     bias = call(ops.key_bias.default, mask, B, H, *g, device)
     if a.fused:
         return call(ops.tiled_attention.default, q, k, v, kv_idx, kv_cnt, bias, a.scale, *g, a.visual_bias,
-                    a.backend)
+                    a.backend, a.fp8)
     qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (q, k, v))
     out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, a.scale, a.block,
-               a.n_text_blocks, a.visual_bias, a.backend)
+               a.n_text_blocks, a.visual_bias, a.backend, a.fp8)
     return call(ops.unpermute_tiles.default, out, *g)
 
 
