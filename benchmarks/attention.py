@@ -7,18 +7,25 @@ bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 - dense SDPA with the cuDNN backend, and with the flash backend;
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
-- draftopt total (all five stages as ``draft_attention`` runs them), and each
+- draftopt total (all five stages as ``draft_attention`` runs them), in bf16 and
+  with ``precision="fp8"`` (e4m3 q, k, P, V; where the plan runs FP8), and each
   stage on its own: pool, draft map, select, permute, attend (tile-major: the
   Gluon kernel on sm_90, else the Triton kernel), unpermute; stages 3-5 as the
   one op the pass emits (``tiled_attention``: on sm_90 the Gluon kernel reading
   and writing tiles in place at batch 1, elsewhere the Triton kernel); and the
-  Triton attention kernel on the same tiles, for comparison. draftopt rows are
+  Triton attention kernel on the same tiles, for comparison; FP8's own stages
+  (quantize: tile-major e4m3 copies; attend: the Gluon kernel on them). draftopt rows are
   CUDA-graph replays, as a compiled model runs them (the selection is ~9 small
   launches: eager, Python would be most of its time).
 
 Columns: median ms (triton.testing.do_bench), speedup over the best dense
 backend, TFLOP/s on the computed blocks (attention rows only), peak memory one
-call allocates beyond what is live before it. Prints a tabulate table last and writes JSON and CSV to --out.
+call allocates beyond what is live before it, and for the total rows the
+output's error (relative L2) against dense cuDNN SDPA and, for FP8, against the
+bf16 sparse output of the same blocks. On these random inputs attention is
+nearly uniform, so any sparsity's error against dense is large; the FP8 row at
+sparsity 0 (error only, not timed) shows FP8's own error. Prints a tabulate
+table last and writes JSON and CSV to --out.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from draftopt.kernels import (Geometry, block_mass, block_sparse_attention, draf
                               permuted_key_bias, plan, score_map, select_blocks, tile_moments, tile_pool, tiled_attention,
                               unpermute_tiles)
 from draftopt.kernels.block_mask import indices_to_dense
+from draftopt.kernels.geometry import permuted_source_index
+from draftopt.kernels.ops.quantize import fp8_operands
 from draftopt.kernels.ops.select import select_blocks_guarded
 from draftopt.kernels.sparsity import POLICIES
 from draftopt.kernels.triton.attention import block_sparse_attention_triton
@@ -59,6 +68,11 @@ def timed(fn, graph: bool = False) -> tuple[float, float]:
     mem = (torch.cuda.max_memory_allocated() - base) / 2**30
     ms = triton.testing.do_bench(graphed(fn) if graph else fn, warmup=25, rep=100, return_mode="median")
     return ms, mem
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of x against ref (float64 norms)."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
@@ -83,10 +97,13 @@ def bench_shape(name, sparsities, flex_compiled, policy):
     dense_flops = 4 * heads * L * L * 128
     rows = []
 
-    def row(label, sparsity, ms, mem, flops, best):
-        rows.append(dict(shape=name, sparsity=sparsity, row=label, ms=round(ms, 3),
-                         speedup=round(best / ms, 2) if best else None,
-                         tflops=round(flops / ms / 1e9, 1) if flops else None, extra_gib=round(mem, 2)))
+    def row(label, sparsity, ms, mem, flops, best, err=None, err_bf16=None):
+        rows.append(dict(shape=name, sparsity=sparsity, row=label, ms=None if ms is None else round(ms, 3),
+                         speedup=round(best / ms, 2) if best and ms else None,
+                         tflops=round(flops / ms / 1e9, 1) if flops and ms else None,
+                         extra_gib=None if mem is None else round(mem, 2),
+                         err_vs_dense=None if err is None else round(err, 4),
+                         err_vs_bf16_sparse=None if err_bf16 is None else round(err_bf16, 4)))
 
     dense = {}
     for label, backend in [("dense cuDNN", SDPBackend.CUDNN_ATTENTION), ("dense flash", SDPBackend.FLASH_ATTENTION)]:
@@ -95,6 +112,13 @@ def bench_shape(name, sparsities, flex_compiled, policy):
     best = min(ms for ms, _ in dense.values())
     for label, (ms, mem) in dense.items():
         row(label, 0.0, ms, mem, dense_flops, best)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q, k, v)
+    fp8_plan = plan(geom, q.dtype, q.device, 128, 1, precision="fp8")
+    if fp8_plan.fp8:
+        out = draft_attention(q, k, v, grid, text_len=text_len, sparsity=0.0, precision="fp8")
+        row("draftopt fp8, every block (error only)", 0.0, None, None, None, None, rel_err(out, ref))
+        del out
 
     scale = 128 ** -0.5
     for s in sparsities:
@@ -129,16 +153,34 @@ def bench_shape(name, sparsities, flex_compiled, policy):
             "attend, Triton kernel (tile-major)": lambda: block_sparse_attention_triton(
                 qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.block, geom.n_text_blocks, geom.has_visual_padding),
         }
-        ms, mem = timed(lambda: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s, policy=policy),
-                        graph=True)
-        row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best)
+        total = lambda precision=None: draft_attention(q, k, v, grid, text_len=text_len, sparsity=s, policy=policy,
+                                                       precision=precision)
+        ms, mem = timed(total, graph=True)
+        sparse_bf16 = total()
+        row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best,
+            rel_err(sparse_bf16, ref))
+        if fp8_plan.fp8:
+            ms, mem = timed(lambda: total("fp8"), graph=True)
+            out = total("fp8")
+            row(f"draftopt total, precision fp8 (CUDA graph; {fp8_plan.describe()})", s, ms, mem, kept_flops, best,
+                rel_err(out, ref), rel_err(out, sparse_bf16))
+            ops8 = fp8_operands(q, k, v, permuted_source_index(geom, q.device), geom.block)
+            stages["stage fp8 quantize (q, k, v -> tile-major e4m3)"] = lambda: fp8_operands(
+                q, k, v, permuted_source_index(geom, q.device), geom.block)
+            stages["stage attend fp8 (gluon_sm90 on e4m3 tiles)"] = lambda: torch.ops.draftopt.attend_sm90_fp8(
+                *ops8, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, geom.has_visual_padding,
+                q.dtype)
+            stages["stages 3-5 as one op, fp8 (tiled_attention)"] = lambda: tiled_attention(
+                q, k, v, kv_idx, kv_cnt, geom, scale=scale, precision="fp8")
+            del out
         for label, fn in stages.items():
             ms, mem = timed(fn, graph=True)
             row(label, s, ms, mem, kept_flops if "attend" in label or "3-5" in label else None, None)
         if flex_compiled is not None:
             ms, mem = timed(lambda: flex_compiled(qp, kp, vp, block_mask=flex_mask))
             row("FlexAttention (compiled, same blocks)", s, ms, mem, kept_flops, best)
-        del qp, kp, vp, out_p, P, kv_idx, kv_cnt, flex_mask, blocks
+        del qp, kp, vp, out_p, P, kv_idx, kv_cnt, flex_mask, blocks, sparse_bf16
+        stages.clear()
         torch.cuda.empty_cache()
     return rows
 
@@ -166,9 +208,11 @@ def main():
                     dtype="bfloat16", head_dim=128, policy=args.policy), args.out)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, D=128, "
           f"policy {args.policy}")
-    print(tabulate([[r["shape"], r["sparsity"], r["row"], r["ms"], r["speedup"] or "", r["tflops"] or "",
-                     r["extra_gib"]] for r in rows],
-                   headers=["shape", "sparsity", "row", "ms", "speedup", "TFLOP/s", "extra GiB"]))
+    print(tabulate([[r["shape"], r["sparsity"], r["row"], r["ms"] or "", r["speedup"] or "", r["tflops"] or "",
+                     "" if r["extra_gib"] is None else r["extra_gib"], "" if r["err_vs_dense"] is None else r["err_vs_dense"],
+                     "" if r["err_vs_bf16_sparse"] is None else r["err_vs_bf16_sparse"]] for r in rows],
+                   headers=["shape", "sparsity", "row", "ms", "speedup", "TFLOP/s", "extra GiB", "err vs dense",
+                            "err vs bf16 sparse"]))
 
 
 if __name__ == "__main__":
