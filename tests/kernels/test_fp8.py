@@ -167,6 +167,21 @@ def test_block_sparse_fp8_reference_on_tile_major_inputs():
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_fp8_ops_opcheck():
+    """The attention ops with fp8=True (the PyTorch path) pass torch.library's checks (schema, fake, autograd)."""
+    from torch.library import opcheck
+
+    g = Geometry((2, 5, 9), (4, 4), 21, "start")
+    q, k, v = (torch.randn(1, g.seq_len, 2, 16).transpose(1, 2) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(1, 2, g.n_tiles, 0.5, "cpu")
+    bias = key_bias_for(g, torch.ones(1, g.seq_len, dtype=torch.bool), "cpu")
+    opcheck(torch.ops.draftopt.tiled_attention.default,
+            (q, k, v, kv_idx, kv_cnt, bias, 0.25, *g.op_args(), True, "torch", True))
+    qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+    opcheck(torch.ops.draftopt.block_sparse_attention.default,
+            (qp, kp, vp, kv_idx, kv_cnt, bias, 0.25, g.block, g.n_text_blocks, True, "torch", True))
+
+
 # -- planning -------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_gpu(monkeypatch):
