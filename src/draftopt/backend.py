@@ -177,13 +177,20 @@ def _tell_dense(record: GraphRecord, strict: bool) -> None:
     warnings.warn(message, DraftoptWarning, stacklevel=2)
 
 
+def precision_shortfall(sites, precision: str | None) -> str:
+    """Why rewritten ``sites`` do not all compute in the asked-for precision ("" where they do)."""
+    plain = [s for s in sites if s.status == "rewritten" and precision == "fp8" and s.precision != FP8_NAME]
+    if not plain:
+        return ""
+    return (f"precision='fp8' was asked for, but {len(plain)} rewritten site(s) compute in {plain[0].precision}: "
+            f"{plain[0].kernel_reason}")
+
+
 def _tell_precision(record: GraphRecord, precision: str | None) -> None:
     """One warning per graph when precision="fp8" was asked for and a rewritten site computes in its dtype."""
-    plain = [s for s in record.sites if s.status == "rewritten" and precision == "fp8" and s.precision != FP8_NAME]
-    if plain:
-        warnings.warn(f"draftopt: precision='fp8' was asked for, but {len(plain)} rewritten site(s) of graph "
-                      f"{record.index} compute in {plain[0].precision}: {plain[0].kernel_reason}", DraftoptWarning,
-                      stacklevel=2)
+    why = precision_shortfall(record.sites, precision)
+    if why:
+        warnings.warn(f"draftopt: graph {record.index}: {why}", DraftoptWarning, stacklevel=2)
 
 
 class _TensorSpec(NamedTuple):

@@ -89,7 +89,7 @@ SOURCE = "diffusers backend"
 # The DraftConfig fields the backend honours; any other one set to a value but its default is refused (an
 # option silently ignored would be a silent fallback), with the reason where there is one.
 _HONOURED = {"sparsity", "latent_shape", "patch_size", "tile", "policy", "cdf_threshold", "text_len",
-             "text_position", "min_tokens", "enabled", "capture_masks", "fuse_permute", "strict"}
+             "text_position", "min_tokens", "enabled", "capture_masks", "fuse_permute", "strict", "precision"}
 _NOT_OPTIONS = {
     "compiler": "the backend compiles nothing: compile the model yourself (torch.compile) if you want it compiled",
     "dense_layers": "use handle.dense() for dense steps",
@@ -303,6 +303,11 @@ class AttentionBackendHandle:
         else:
             log.info("draftopt: diffusers backend: %s runs draft attention (grid %s, %s)", site, record.grid,
                      record.plan)
+            why = _backend.precision_shortfall([record], self.config.precision)
+            if why and why not in self._warned:  # once per reason, as the dense warning
+                self._warned.add(why)
+                warnings.warn(f"draftopt diffusers backend: {self.model_name}: {why}", _backend.DraftoptWarning,
+                              stacklevel=3)
         return call_plan
 
     def _tell_dense(self, record: SiteRecord) -> None:
@@ -534,8 +539,8 @@ def use_attention_backend(model: nn.Module, sparsity: float | None = None, *, se
         config: a DraftConfig; ``options`` (its fields) override it. ``latent_shape`` (for models called with
             packed tokens), ``patch_size`` (else ``model.config``'s), ``text_position`` (else the model
             family's), ``text_len``, ``tile``, ``policy``, ``min_tokens``, ``fuse_permute``,
-            ``capture_masks``, ``strict``, ``enabled``; the others (``compiler``, ``dense_layers``, ...) are
-            refused with a ValueError rather than ignored.
+            ``capture_masks``, ``strict``, ``enabled``, ``precision``; the others (``compiler``,
+            ``dense_layers``, ...) are refused with a ValueError rather than ignored.
 
     Returns:
         An ``AttentionBackendHandle``: ``.report()``, ``.dense()``, ``.remove()``; a context manager.

@@ -273,3 +273,22 @@ def test_sm90_fp8_under_inductor_and_cuda_graphs():
         got = fn(q, k, v)
     want = draft_attention(q, k, v, g.grid, text_len=77, sparsity=0.5, precision="fp8")
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_fp8_shortfall_is_told():
+    """optimize (and the diffusers backend) warn when precision='fp8' was asked for and a rewritten site runs in
+    its dtype; sites that run FP8, skipped sites and precision=None say nothing."""
+    from draftopt import backend
+    from draftopt.passes import SiteRecord
+    from draftopt.report import GraphRecord
+
+    why = "not an sm_90 GPU; fp8 needs the sm_90 kernel, so it computes in bfloat16"
+    plain = SiteRecord("blocks.0.attn1", "sdpa", "rewritten", kernel="triton", precision="bfloat16", kernel_reason=why)
+    fp8 = SiteRecord("blocks.1.attn1", "sdpa", "rewritten", kernel="gluon_sm90", precision="fp8 e4m3")
+    skipped = SiteRecord("blocks.0.attn2", "sdpa", reason="cross-attention", dtype="bfloat16")
+    assert backend.precision_shortfall([fp8, skipped], "fp8") == ""
+    assert backend.precision_shortfall([plain, fp8], None) == ""
+    told = backend.precision_shortfall([plain, fp8, skipped], "fp8")
+    assert "1 rewritten site(s) compute in bfloat16" in told and why in told
+    with pytest.warns(draftopt.DraftoptWarning, match="graph 7: precision='fp8' was asked for"):
+        backend._tell_precision(GraphRecord(index=7, sites=[plain, fp8]), "fp8")
