@@ -1,11 +1,12 @@
 """Launch-config sweep of the block-sparse attention kernel (the attend stage alone).
 
-    python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9] [--gluon-only]
+    python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9] [--gluon-only] [--fp8]
 
 Times each Triton (BLOCK_M, BLOCK_N, num_warps, num_stages), on tile-major
 copies and with tiles addressed in place, and on sm_90 each Gluon kernel
 variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place;
-interleaved rounds, and a "same-keys" locality bound), on one real-model shape;
+interleaved rounds, and a "same-keys" locality bound; with --fp8 also the FP8
+kernel's ring sizes and ping-pong on e4m3 copies), on one real-model shape;
 checks each output against the default's and prints a table sorted by time.
 Why the defaults are what they are: docs/design.md.
 """
@@ -22,7 +23,9 @@ from _shapes import SHAPES, shape
 from draftopt.kernels import draft_map, permute_tiles, permuted_key_bias, select_blocks, tile_pool, unpermute_tiles
 from draftopt.kernels.dispatch import sm90_misfit
 from draftopt.kernels.gluon import _sm90_kernel
-from draftopt.kernels.gluon.attention import Sm90Tuning, attend_sm90, attend_sm90_in_place
+from draftopt.kernels.geometry import permuted_source_index
+from draftopt.kernels.gluon.attention import Sm90Tuning, attend_sm90, attend_sm90_fp8, attend_sm90_in_place
+from draftopt.kernels.ops.quantize import fp8_operands
 from draftopt.kernels.triton.attention import (AttentionTuning, block_sparse_attention_triton, launch_config,
                                                tiled_attention_triton)
 
@@ -35,6 +38,8 @@ SM90_CONFIGS = [(2, 3, True, True, False, "real"), (2, 3, False, True, False, "r
                 (2, 2, True, True, False, "real"), (2, 2, False, True, False, "real"),
                 (2, 3, True, True, True, "real"), (2, 3, False, True, True, "real"),
                 (2, 3, True, False, False, "real"), (2, 3, True, False, False, "same")]
+# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong)
+SM90_FP8_CONFIGS = [(2, 3, False), (2, 3, True), (2, 4, True), (3, 4, True), (4, 4, True), (4, 4, False)]
 
 
 def _print_registers(kernel):
@@ -53,6 +58,7 @@ def main():
     ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--gluon-only", action="store_true", help="time only the Gluon kernel's configs")
+    ap.add_argument("--fp8", action="store_true", help="also the Gluon kernel's FP8 mode (SM90_FP8_CONFIGS)")
     args = ap.parse_args()
     heads, g = shape(args.shape)
     q, k, v = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -102,6 +108,13 @@ def main():
                 finish = lambda o: unpermute_tiles(o, g)  # noqa: E731
             err = ((finish(run_sm90()).float() - want).norm() / want.norm()).item()
             runs[(label, in_place)] = (run_sm90, "n/a (other keys)" if idx == "same" else f"{err:.1e}", [])
+        if args.fp8:  # the error against the bf16 default is FP8's own (~5% on these random inputs)
+            operands = fp8_operands(q, k, v, permuted_source_index(g, q.device), g.block)
+            for ks, vs, pp in SM90_FP8_CONFIGS:
+                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp): attend_sm90_fp8(  # noqa: E731
+                    *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, visual_bias, q.dtype, t)
+                err = ((unpermute_tiles(run_sm90(), g).float() - want).norm() / want.norm()).item()
+                runs[(f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot", False)] = (run_sm90, f"{err:.1e}", [])
         # Rounds over all configs, interleaved: one config's median drifts with the GPU's clocks and
         # L2 state over a sweep (docs/design.md, "How the numbers are taken").
         for _ in range(ROUNDS):
