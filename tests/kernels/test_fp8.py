@@ -206,6 +206,9 @@ def test_plan_keeps_the_dtype_where_no_fp8_kernel_runs(fake_gpu):
     plan = dispatch.plan(g, torch.bfloat16, fake_gpu((8, 0)), 128, 1, precision="fp8")
     assert not plan.fp8 and plan.precision == "bfloat16" and plan.backend is dispatch.Backend.TRITON
     assert "fp8 needs the sm_90 kernel, so it computes in bfloat16" in plan.reason
+    with pytest.raises(ValueError, match="precision='fp8' cannot run here: not an sm_90 GPU; fp8 needs"):
+        dispatch.require_precision(plan, "fp8")  # what the eager entry points do: no silent downgrade
+    assert dispatch.require_precision(plan, None) is plan
     with pytest.raises(ValueError, match="precision must be None"):
         dispatch.plan(g, torch.bfloat16, "cpu", 128, 1, precision="e4m3")
 

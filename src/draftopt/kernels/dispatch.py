@@ -143,6 +143,14 @@ def plan(geom: Geometry, dtype: torch.dtype, device, head_dim: int, batch: int,
     return AttentionPlan(backend, fused, in_place, reason, fp8, FP8_NAME if fp8 else _name(dtype))
 
 
+def require_precision(att: AttentionPlan, precision: str | None) -> AttentionPlan:
+    """``att``, or a ValueError where it cannot give the asked-for precision: eager callers get no silent
+    downgrade (the pass keeps the dtype instead, reports it and warns)."""
+    if precision == "fp8" and not att.fp8:
+        raise ValueError(f"precision='fp8' cannot run here: {att.reason}")
+    return att
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

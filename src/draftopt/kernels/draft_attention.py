@@ -16,7 +16,7 @@ import torch
 
 from ._utils import MAX_HEAD_DIM, check_dtype, check_mask_dtype, refuse_grad
 from .block_mask import DraftBlockMask
-from .dispatch import plan
+from .dispatch import plan, require_precision
 from .geometry import Geometry
 from .ops.attention import block_sparse_attention, tiled_attention
 from .ops.block_mass import block_mass
@@ -110,9 +110,7 @@ def draft_attention(
 
     bias = permuted_key_bias(attn_mask, B, H, geom, q.device)
     attend = dict(key_bias=bias, scale=scale, visual_bias=needs_visual_bias(attn_mask is not None, geom))
-    chosen = plan(geom, q.dtype, q.device, D, B, precision=precision)
-    if precision == "fp8" and not chosen.fp8:
-        raise ValueError(f"precision='fp8' cannot run here: {chosen.reason}")
+    chosen = require_precision(plan(geom, q.dtype, q.device, D, B, precision=precision), precision)
     attend.update(backend=chosen.backend.value, precision=precision)
     if chosen.fused:
         out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, **attend)

@@ -20,7 +20,11 @@ blocks. FlashAttention-3's schedule, written by hand:
   back through shared memory and a TMA store;
 - text query blocks (they attend to every key block) launch first, and each
   program starts its key list at the point the programs beside it have
-  reached, so concurrent programs share K / V blocks in L2.
+  reached, so concurrent programs share K / V blocks in L2;
+- ``FP8=True`` (``precision="fp8"``): the same schedule on tile-major e4m3 q, k
+  and V^T (triton/quantize.py makes them) with FP8 wgmma; the scales fold into
+  the softmax scale and the epilogue, P (times 256) goes through shared memory,
+  and the 16-bit output has a buffer of its own.
 
 Why each of these, with the numbers: docs/design.md ("Hopper: why a Gluon kernel").
 Launchers and the op-facing functions: attention.py beside this file.

@@ -17,7 +17,10 @@ the original token order, with no permuted copies where the backend's kernel
 reads tiles in place.
 
 ``backend`` ("torch", "triton" or "gluon_sm90") is the kernel that runs, as
-``dispatch.plan`` chose it; the Python wrappers plan it when not given.
+``dispatch.plan`` chose it; the Python wrappers plan it when not given. The
+last argument, ``fp8`` (default False), computes in FP8 (e4m3 q, k, P, V, the
+copies made by ``ops/quantize.py``): on "gluon_sm90", or simulated by "torch";
+"triton" refuses it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.library import triton_op
 
 from .._utils import check_dtype, make_inference_only, refuse_grad
 from ..block_mask import indices_to_dense
-from ..dispatch import Backend, check_backend, check_precision, plan
+from ..dispatch import Backend, check_backend, check_precision, plan, require_precision
 from ..geometry import Geometry, original_to_permuted_index, permuted_source_index
 from ..gluon._sm90_kernel import FP8_P_SCALE
 from ..gluon.attention import BLOCK as SM90_BLOCK
@@ -182,10 +185,7 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
     fp8 = precision == "fp8"
     if backend is None:
-        planned = plan(geom, q.dtype, q.device, D, B, precision=precision)
-        if fp8 and not planned.fp8:
-            raise ValueError(f"precision='fp8' cannot run here: {planned.reason}")
-        backend = planned.backend.value
+        backend = require_precision(plan(geom, q.dtype, q.device, D, B, precision=precision), precision).backend.value
     return key_bias, D ** -0.5 if scale is None else float(scale), bool(visual_bias), str(backend), fp8
 
 
