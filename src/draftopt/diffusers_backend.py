@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .kernels import check_key_padding_mask, needs_visual_bias, plan
+from .kernels import check_key_padding_mask, plan
 from .kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .model_info import FAMILY_HISTORY_INPUTS, check_latent_shape, latent_thw, model_patch, text_position_of
 from .passes import DraftConfig, SiteRecord
@@ -392,7 +392,7 @@ class AttentionBackendHandle:
             raise skip("dense mode (handle.dense() or enabled=False): native attention", False)
         att = plan(geom, dtype, device, D, B, cfg.fuse_permute, cfg.precision)
         scale = float(scale) if scale is not None else default_scale(D)
-        site_plan = SitePlan(geom, scale, att, needs_visual_bias(mask is not None, geom), facts)
+        site_plan = SitePlan(geom, scale, att, mask is not None, facts)
         record = SiteRecord.rewritten(site, "sdpa", "dispatch_attention_fn", att, facts)
         return record, _CallPlan(StageArgs.of(site_plan, cfg, site), B, H, mask_2d)
 

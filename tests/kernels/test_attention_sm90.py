@@ -132,9 +132,15 @@ def test_sm90_misfit_on_this_gpu(dtype, D, block, reason):
     (Geometry((3, 12, 20), (8, 16), 0, "end"), 2, 64, True),        # edge tiles: boxes clipped by the TMA unit
     (Geometry((2, 24, 40), (8, 16), 300, "start"), 2, 128, True),   # text first, 3 text blocks, padded grid
     (Geometry((1, 32, 64), (4, 32), 0, "end"), 1, 128, False),      # another tile shape
-], ids=["text-end", "padded-d64", "text-start", "tile4x32"])
+    (Geometry((3, 13, 40), (8, 16), 0, "end"), 2, 128, False),      # padded rows masked by position
+    (Geometry((2, 13, 37), (4, 32), 77, "end"), 2, 64, False),      # padded rows and columns, by position
+    (Geometry((2, 1, 13 * 37), (1, 128), 77, "end"), 2, 128, False),  # raster strips, padded frame ends
+    (Geometry((2, 1, 512), (1, 128), 0, "end"), 1, 64, False),      # strips covering each frame exactly
+], ids=["text-end", "padded-d64", "text-start", "tile4x32", "edge-rows", "edge-rows-cols", "strips", "strips-exact"])
 def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
-    """Stages 3-5 in one kernel: tiles read and written where they lie (batch 1), any strides SDPA uses."""
+    """Stages 3-5 in one kernel: tiles read and written where they lie (batch 1), any strides SDPA uses.
+    ``visual_bias`` True: a key mask hides visual keys too (the bias masks edge tiles' padding); False: only
+    text keys are masked by the bias, and edge tiles' padding keys by their position in the tile."""
     _require_sm90()
     dtype = torch.bfloat16
     q, k, v = (torch.randn(1, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
@@ -145,6 +151,8 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
     key_keep = torch.ones(1, g.seq_len, dtype=torch.bool, device="cuda")
     if g.text_len > 1:
         key_keep[0, g.text_offset + g.text_len // 2: g.text_offset + g.text_len] = False
+    if visual_bias:  # the mask hides some real visual keys as well
+        key_keep[0, g.visual_offset + 5: g.visual_offset + g.n_visual: 7] = False
     bias = key_bias_for(g, key_keep, "cuda")
     with poison_outputs():
         out = torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(),
@@ -156,7 +164,7 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
 @pytest.mark.parametrize("tile, batch, in_place", [
     ((8, 16), 1, True), ((4, 32), 1, True), ((2, 64), 1, True),
     ((8, 16), 2, False),  # batch > 1 cannot be one TMA box view: the permuted-copy path takes it
-    ((1, 128), 1, False),  # a tile of one row cannot be split in two halves (one per consumer)
+    ((1, 128), 1, True),  # a one-row tile (a raster strip) splits in two column halves
     ((16, 4), 1, False),  # rows of 4 tokens: not whole 16-byte rows
 ])
 def test_reads_in_place(tile, batch, in_place):

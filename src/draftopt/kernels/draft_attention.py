@@ -109,14 +109,15 @@ def draft_attention(
         kv_idx, kv_cnt = select_blocks(P, sparsity, policy, cdf_threshold)
 
     bias = permuted_key_bias(attn_mask, B, H, geom, q.device)
-    attend = dict(key_bias=bias, scale=scale, visual_bias=needs_visual_bias(attn_mask is not None, geom))
     chosen = require_precision(plan(geom, q.dtype, q.device, D, B, precision=precision), precision)
-    attend.update(backend=chosen.backend.value, precision=precision)
-    if chosen.fused:
-        out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, **attend)
+    attend = dict(key_bias=bias, scale=scale, backend=chosen.backend.value, precision=precision)
+    if chosen.fused:  # the fused op masks edge tiles' padding itself
+        out = tiled_attention(q, k, v, kv_idx, kv_cnt, geom, visual_bias=attn_mask is not None, **attend)
     else:
         qp, kp, vp = (permute_tiles(t, geom) for t in (q, k, v))
-        out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom, **attend), geom)
+        out = unpermute_tiles(block_sparse_attention(qp, kp, vp, kv_idx, kv_cnt, geom,
+                                                     visual_bias=needs_visual_bias(attn_mask is not None, geom),
+                                                     **attend), geom)
     if return_mask:
         return out, DraftBlockMask(kv_idx, kv_cnt, geom, policy, float(sparsity), draft_map=P)
     return out

@@ -94,7 +94,7 @@ class SitePlan:
     geometry: Geometry
     scale: float
     attention: AttentionPlan
-    visual_bias: bool  # the key bias can be nonzero on visual key tiles
+    key_mask: bool  # the site has a key padding mask (the key bias can be nonzero on real visual keys)
     facts: dict  # what the report records (shapes, grid, text, ...)
     # An outer-product mask: its vector is the key padding, and the query rows it hides get ``masked_rows``
     # ("zero", "nan", "mean_v": what SDPA gives a row that attends to nothing on this device).
@@ -227,8 +227,7 @@ class DraftAttentionPass:
         geom = site_geometry(grid, text_len, position, cfg, facts, skip)
         scale = float(site.scale) if site.scale is not None else default_scale(D)
         attention = plan(geom, q.dtype, q.device, D, B, cfg.fuse_permute, cfg.precision)
-        return SitePlan(geom, scale, attention, needs_visual_bias(site.mask is not None, geom), facts, query_mask,
-                        masked_rows)
+        return SitePlan(geom, scale, attention, site.mask is not None, facts, query_mask, masked_rows)
 
     def _mask_form(self, site: AttentionSite, q, facts: dict, skip):
         """(None, None) for a key padding mask; (the outer product's vector, the masked rows' value) for
@@ -361,7 +360,7 @@ class StageArgs(NamedTuple):
     scale: float
     backend: str  # the attention kernel the plan chose
     fused: bool
-    visual_bias: bool
+    key_mask: bool
     sparsity: float
     policy: str
     cdf_threshold: float
@@ -375,7 +374,7 @@ class StageArgs(NamedTuple):
     def of(cls, site_plan: SitePlan, cfg: DraftConfig, site: str, control_key: int = -1) -> "StageArgs":
         geom, att = site_plan.geometry, site_plan.attention
         return cls(geom.op_args(), geom.block, geom.n_text_blocks, site_plan.scale, att.backend.value, att.fused,
-                   site_plan.visual_bias, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold),
+                   site_plan.key_mask, float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold),
                    cfg.capture_masks, site, cfg.max_error, control_key, att.fp8)
 
 
@@ -394,12 +393,13 @@ def stages(call, q, k, v, mask, B: int, H: int, device, a: StageArgs):
     if a.capture_masks:  # on the data path, so no compiler drops it
         kv_cnt = call(ops.record_mask.default, kv_idx, kv_cnt, draft, a.site, *g, a.policy, a.sparsity)
     bias = call(ops.key_bias.default, mask, B, H, *g, device)
-    if a.fused:
-        return call(ops.tiled_attention.default, q, k, v, kv_idx, kv_cnt, bias, a.scale, *g, a.visual_bias,
+    if a.fused:  # knows the grid: masks edge tiles' padding itself
+        return call(ops.tiled_attention.default, q, k, v, kv_idx, kv_cnt, bias, a.scale, *g, a.key_mask,
                     a.backend, a.fp8)
     qp, kp, vp = (call(ops.permute_tiles.default, t, *g, 0.0) for t in (q, k, v))
+    visual_bias = needs_visual_bias(a.key_mask, Geometry.from_op_args(*g))
     out = call(ops.block_sparse_attention.default, qp, kp, vp, kv_idx, kv_cnt, bias, a.scale, a.block,
-               a.n_text_blocks, a.visual_bias, a.backend, a.fp8)
+               a.n_text_blocks, visual_bias, a.backend, a.fp8)
     return call(ops.unpermute_tiles.default, out, *g)
 
 

@@ -92,9 +92,19 @@ if HAVE_GLUON:
     _as_block = _as_block_36 if hasattr(gl.shared_memory_descriptor, "_reinterpret") else _as_block_new
 
     @gluon.jit
-    def _box(kb, nw, nhw, sub, TILE_H: gl.constexpr, box):
-        """Coordinates [t, row, col] of visual tile kb's box (sub-box ``sub`` of a split tile) in [T, H, W]."""
-        return kb // nhw, ((kb % nhw) // nw) * TILE_H + sub * box.block_type.shape[2], (kb % nw) * box.block_type.shape[3]
+    def _box(kb, nw, nhw, sub, TILE_H: gl.constexpr, BLOCK: gl.constexpr, box):
+        """Coordinates [t, row, col] of visual tile kb's box (sub-box ``sub`` of a split tile) in [T, H, W].
+        A tile splits in two row halves, or, one row high (a raster strip), in two column halves."""
+        TILE_W: gl.constexpr = BLOCK // TILE_H
+        BOX_H: gl.constexpr = box.block_type.shape[2]
+        BOX_W: gl.constexpr = box.block_type.shape[3]
+        row = ((kb % nhw) // nw) * TILE_H
+        col = (kb % nw) * TILE_W
+        if BOX_H < TILE_H:
+            row = row + sub * BOX_H
+        else:
+            col = col + sub * BOX_W
+        return kb // nhw, row, col
 
     @gluon.jit
     def _load_block(tm, box, txt, buf, bar, kb, row_tm, h, n_tiles, nw, nhw, sub,
@@ -104,7 +114,7 @@ if HAVE_GLUON:
         of [heads, L_text, D]. Rows outside the tensor (edge tiles, the text's end) arrive as zeros."""
         if IN_PLACE:
             if kb < n_tiles:
-                t, a, c = _box(kb, nw, nhw, sub, TILE_H, box)
+                t, a, c = _box(kb, nw, nhw, sub, TILE_H, BLOCK, box)
                 mbarrier.expect(bar, box.block_type.nbytes)
                 _tma_load(box, [h, t, a, c, 0], bar, _as_block(buf, box))
             else:
@@ -120,7 +130,7 @@ if HAVE_GLUON:
         """TMA-store ``buf`` as half ``sub`` of query block kb (the mirror of ``_load_block``; clipped at the edges)."""
         if IN_PLACE:
             if kb < n_tiles:
-                t, a, c = _box(kb, nw, nhw, sub, TILE_H, box)
+                t, a, c = _box(kb, nw, nhw, sub, TILE_H, BLOCK, box)
                 _tma_store(box, [h, t, a, c, 0], _as_block(buf, box))
             else:
                 _tma_store(txt, [h, (kb - n_tiles) * BLOCK + sub * txt.block_type.shape[1], 0],
@@ -145,6 +155,46 @@ if HAVE_GLUON:
             p = gl.exp2(s * qk_scale - m_new[:, None])
             alpha = gl.exp2(m_i - m_new)
         return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _valid_extent(kb, EDGE: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr, E_NH: gl.constexpr,
+                      E_ROWS: gl.constexpr, E_COLS: gl.constexpr, TH: gl.constexpr, BLOCK: gl.constexpr):
+        """(rows, columns) of real tokens in visual tile kb of a padded grid: the tile's own unless it is in
+        the last tile row (E_ROWS rows) or column (E_COLS columns). The grid is constexpr (E_NW tiles per
+        tile row, E_NHW per frame, E_NH tile rows), so the divisions are multiply-shifts; a runtime
+        divisor costs a reciprocal chain on the softmax's path. Without EDGE: the whole tile."""
+        TW: gl.constexpr = BLOCK // TH
+        vr = kb * 0 + TH
+        vc = kb * 0 + TW
+        if EDGE:
+            vr = gl.where((kb % E_NHW) // E_NW == E_NH - 1, E_ROWS, TH)
+            vc = gl.where(kb % E_NW == E_NW - 1, E_COLS, TW)
+        return vr, vc
+
+    @gluon.jit
+    def _padding_masked(s, vr, vc, TH: gl.constexpr, BLOCK: gl.constexpr, s_layout: gl.constexpr):
+        """S with -inf on the keys outside a tile's first vr rows and vc columns (box order: a key's
+        position in its tile is row * TW + column); S itself, with no work, for a whole tile."""
+        TW: gl.constexpr = BLOCK // TH
+        if (vr < TH) | (vc < TW):
+            offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+            ok = ((offs // TW) < vr) & ((offs % TW) < vc)
+            s = gl.where(ok[None, :], s, float("-inf"))
+        return s
+
+    @gluon.jit
+    def _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS: gl.constexpr,
+                     EDGE: gl.constexpr, EDGE_TH: gl.constexpr, BLOCK: gl.constexpr, s_layout: gl.constexpr):
+        """Key block j (block kb) into the running softmax. Text keys (j >= n_vis), and every key with
+        VISUAL_BIAS, add their bias row; with EDGE, visual keys mask their tile's padding by position
+        (``_valid_extent``: no bias load); other visual keys add nothing."""
+        if (j >= n_vis) | VISUAL_BIAS:
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
+        else:
+            if EDGE:
+                s = _padding_masked(s, vr, vc, EDGE_TH, BLOCK, s_layout)
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+        return p, m_i, alpha, l_i
 
     P_SCALE = gl.constexpr(FP8_P_SCALE)
 
@@ -200,7 +250,9 @@ if HAVE_GLUON:
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
                   nw, nhw, VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr):
+                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr,
+                  EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
+                  E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -225,18 +277,17 @@ if HAVE_GLUON:
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_mine, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
         mbarrier.arrive(k_empty.index(0))
-        kb = _bias_block(idx_row, 0, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS)
-        if (n_vis <= 0) | VISUAL_BIAS:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
-        else:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+        kb = _bias_block(idx_row, 0, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS | EDGE)
+        vr, vc = _valid_extent(kb, EDGE, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, EDGE_TH, BLOCK)
+        p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, 0, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS, EDGE,
+                                          EDGE_TH, BLOCK, s_layout)
         p_op = _p_operand(p, dtype, p_layout, p_smem.index(c), FP8)
 
         for j in range(1, n_total):
             ks = j % K_STAGES
             vs = (j - 1) % V_STAGES
             # Issued before the waits: its latency hides under the products, not in the softmax.
-            kb = _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS)
+            kb = _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS | EDGE)
             mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
             if PINGPONG:  # take turns issuing the two products: one warpgroup's softmax runs under the other's
                 mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
@@ -245,13 +296,13 @@ if HAVE_GLUON:
             acc_tok = warpgroup_mma(p_op, _v_operand(v_smem, vs, FP8), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - c))
+            # While both products run: the padding extent of key tile kb (its index load has landed).
+            vr, vc = _valid_extent(kb, EDGE, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, EDGE_TH, BLOCK)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks))
             # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
-            if (j >= n_vis) | VISUAL_BIAS:
-                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
-            else:
-                p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+            p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS,
+                                              EDGE, EDGE_TH, BLOCK, s_layout)
             if FP8:
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             else:
@@ -285,7 +336,8 @@ if HAVE_GLUON:
         n_heads, n_bh, n_tiles, n_text_blocks, Lp, qk_scale, nw, nhw, n_sm,
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
         TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, ROTATE: gl.constexpr,
-        FP8: gl.constexpr,
+        FP8: gl.constexpr, EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
+        E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr,
     ):
         # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
         # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
@@ -358,12 +410,12 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
-                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE,
-                         PINGPONG, FP8)),
+                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
+                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),
             (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
-                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H, IN_PLACE,
-                         PINGPONG, FP8)),
+                         qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
+                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw, bh,

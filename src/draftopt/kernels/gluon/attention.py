@@ -40,10 +40,12 @@ DEFAULT_FP8_TUNING = Sm90Tuning(pingpong=False)
 
 def reads_in_place(geom: Geometry, batch: int) -> bool:
     """Whether the kernel can address this geometry's tiles in place: batch 1 (the descriptors view one
-    batch), tiles split in two row halves (one per consumer) of whole 16-byte rows, and text on one side
-    of the grid only (one row descriptor for the text; text on both sides runs on permuted copies)."""
+    batch), tiles split in two halves (one per consumer; row halves, or column halves of a one-row tile)
+    of whole 16-byte rows, and text on one side of the grid only (one row descriptor for the text; text on
+    both sides runs on permuted copies)."""
     th, tw = geom.tile
-    return batch == 1 and th % 2 == 0 and tw % 8 == 0 and not geom.is_split
+    halves = th % 2 == 0 and tw % 8 == 0 or th == 1 and tw % 16 == 0
+    return batch == 1 and halves and not geom.is_split
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,19 +62,29 @@ def _desc(t, shape, strides, block, gl_dtype):
 
 
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None):
+            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None, edges: Geometry | None = None):
+    """``edges``: a padded grid whose edge tiles' padding keys the kernel masks by position (their index
+    and tile geometry, no bias row); None where the bias (or nothing: an exact grid) does."""
     if Lp != (n_tiles + n_text_blocks) * BLOCK:
         raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
     n_bh = kv_cnt.shape[0] * n_heads
     scales = fp8_scales if fp8_scales is not None else (bias_b,) * 3  # unread without FP8
+    # Constexpr, so the kernel's divisions by them are multiply-shifts: one compile per padded grid.
+    edge_th, e_nw, e_nhw, e_nh, e_rows, e_cols = 1, 1, 1, 1, 1, 1
+    if edges is not None:
+        (_, H, W), (edge_th, tw) = edges.grid, edges.tile
+        e_nh, e_nw = edges.tiles_hw
+        e_nhw, e_rows, e_cols = e_nh * e_nw, H - (e_nh - 1) * edge_th, W - (e_nw - 1) * tw
     K._attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
         *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt, *scales,
         bias_b.stride(0), bias_b.stride(1), kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
         kv_cnt.stride(0), kv_cnt.stride(1),
         n_heads, n_bh, n_tiles, n_text_blocks, Lp, scale * LOG2E, nw, nhw, _n_sm(kv_cnt.device.index),
         VISUAL_BIAS=bool(visual_bias), K_STAGES=tuning.k_stages, V_STAGES=tuning.v_stages, TILE_H=tile_h,
-        IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, FP8=fp8_scales is not None, num_warps=4,
+        IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, FP8=fp8_scales is not None,
+        EDGE=edges is not None, EDGE_TH=edge_th, E_NW=e_nw, E_NHW=e_nhw, E_NH=e_nh, E_ROWS=e_rows, E_COLS=e_cols,
+        num_warps=4,
     )
 
 
@@ -128,7 +140,10 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
 
     Visual tiles move as TMA boxes of the [heads, T, H, W, D] view (edge tiles are
     clipped by the copy engine: zeros in, nothing out), text blocks as rows of the
-    text; no permuted copies exist.
+    text; no permuted copies exist. ``visual_bias``: whether ``bias`` may be nonzero
+    on the grid's real keys (a key padding mask); without one, the padding keys of
+    edge tiles are masked by their position, not by the bias (at Wan2.1-14B 720p
+    26.6 -> 22.6 ms: docs/design.md, "Edge tiles masked by position").
     """
     _, heads, L, D = q.shape
     if not reads_in_place(geom, q.shape[0]):
@@ -144,8 +159,9 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
         s_head, s_tok = t.stride(1), t.stride(2)
         rows = BLOCK // 2 if half else BLOCK
         flat = _desc(t[0, 0], [L, D], [s_tok, 1], [rows, D], gl_dtype)  # only for its block type
+        box_hw = ((th // 2, tw) if th > 1 else (1, tw // 2)) if half else (th, tw)
         box = _desc(t[0, :, geom.visual_offset:], [heads, T, H, W, D], [s_head, H * W * s_tok, W * s_tok, s_tok, 1],
-                    [1, 1, th // 2 if half else th, tw, D], gl_dtype)
+                    [1, 1, *box_hw, D], gl_dtype)
         text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [heads, n_text, D], [s_head, s_tok, 1],
                      [1, rows, D], gl_dtype)
         return flat, box, text
@@ -153,5 +169,6 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
     (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
     nh, nw = geom.tiles_hw
     _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
-            geom.n_tiles, geom.n_text_blocks, geom.padded_len, nw, nh * nw, th, visual_bias, True, tuning)
+            geom.n_tiles, geom.n_text_blocks, geom.padded_len, nw, nh * nw, th, visual_bias, True, tuning,
+            edges=geom if geom.has_visual_padding and not visual_bias else None)
     return out

@@ -14,7 +14,10 @@ visual tiles and the last ``n_text_blocks`` are text:
 ``tiled_attention(q, k, v, kv_idx, kv_cnt, key_bias, scale, T, H, W, th, tw,
 text_len, text_before, visual_bias, backend)`` computes the same on q, k, v in
 the original token order, with no permuted copies where the backend's kernel
-reads tiles in place.
+reads tiles in place. It knows the grid, so its ``visual_bias`` means less:
+whether ``key_bias`` may be nonzero on the grid's real keys (a key padding
+mask); the padding keys of edge tiles are masked whatever it says (by the bias,
+or where the kernel reads tiles in place, by their position in the tile).
 
 ``backend`` ("torch", "triton" or "gluon_sm90") is the kernel that runs, as
 ``dispatch.plan`` chose it; the Python wrappers plan it when not given. The
@@ -110,11 +113,12 @@ def _attend_sm90_fp8(q, k, v, src, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_t
 
 
 def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias, fp8):
-    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies
-    (FP8: e4m3 copies, made in the same pass as the permute)."""
+    """The Gluon kernel on original-order tensors: in place where it can (masking edge tiles' padding by
+    position), else on permuted copies (FP8: e4m3 copies, made in the same pass as the permute), where the
+    bias masks the padding."""
     if fp8:
         out_p = _attend_sm90_fp8(q, k, v, permuted_source_index(geom, q.device), kv_idx, kv_cnt, key_bias, scale,
-                                 geom.n_tiles, geom.n_text_blocks, visual_bias)
+                                 geom.n_tiles, geom.n_text_blocks, needs_visual_bias(visual_bias, geom))
         return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
     if reads_in_place(geom, q.shape[0]):
         return torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
@@ -122,7 +126,7 @@ def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geomet
     src = permuted_source_index(geom, q.device)
     qp, kp, vp = (gather_rows_triton(t, src) for t in (q, k, v))
     out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.n_tiles,
-                                           geom.n_text_blocks, visual_bias)
+                                           geom.n_text_blocks, needs_visual_bias(visual_bias, geom))
     return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
 
 
@@ -158,7 +162,8 @@ def _tiled_attention_op(
     if chosen is Backend.GLUON_SM90:
         return _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias, fp8)
     if chosen is Backend.TRITON:
-        return tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, visual_bias)
+        return tiled_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom,
+                                      needs_visual_bias(visual_bias, geom))
     return tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom, fp8)
 
 
@@ -167,7 +172,9 @@ make_inference_only(_tiled_attention_op, "tiled_attention")
 
 
 def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_bias, backend, precision):
-    """Shared checks and defaults of the two wrappers: (key_bias, scale, visual_bias, backend, fp8)."""
+    """Shared checks and defaults of the two wrappers: (key_bias, scale, visual_bias, backend, fp8).
+    ``visual_bias`` defaults to whether a ``key_bias`` is given, and for the tile-major op also to whether
+    edge tiles hold padding (only the tiled op masks that without the bias)."""
     check_precision(precision)
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must share one shape [B, heads, L, D]; got "
@@ -180,7 +187,8 @@ def _checked_args(name, q, k, v, kv_idx, kv_cnt, geom, key_bias, scale, visual_b
         check_dtype(label, t)
     refuse_grad(name, q, k, v)
     if visual_bias is None:
-        visual_bias = needs_visual_bias(key_bias is not None, geom)
+        given = key_bias is not None
+        visual_bias = given if name == "tiled_attention" else needs_visual_bias(given, geom)
     if key_bias is None:
         key_bias = permuted_key_bias(None, B, H, geom, q.device)
     fp8 = precision == "fp8"
@@ -221,6 +229,8 @@ def tiled_attention(
     the kernel reads each tile's rows where they are (any strides, e.g. SDPA's
     transposed [B, L, heads, D] views) and writes the output rows to their
     original places. ``key_bias`` is in the tile-major layout (``permuted_key_bias``).
+    ``visual_bias``: whether ``key_bias`` may be nonzero on the grid's real keys (default:
+    whether it is given); edge tiles' padding is masked either way.
     ``precision="fp8"``: e4m3 products (the module doc of ``block_sparse_attention``).
 
     Example:

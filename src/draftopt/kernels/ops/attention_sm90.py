@@ -31,7 +31,9 @@ def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
 def _attend_sm90_in_place_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                              kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, T: int, H: int, W: int, th: int,
                              tw: int, text_len: int, text_before: int, visual_bias: bool) -> torch.Tensor:
-    """Original-order q, k, v [1, heads, L, D] -> output in the original order (tiles read in place)."""
+    """Original-order q, k, v [1, heads, L, D] -> output in the original order (tiles read in place).
+    ``visual_bias``: whether ``bias`` may be nonzero on the grid's real keys (edge tiles' padding keys are
+    masked by position without it)."""
     geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
     return attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, visual_bias)
 

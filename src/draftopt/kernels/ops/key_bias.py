@@ -73,5 +73,7 @@ def permuted_key_bias(attn_mask, B: int, heads: int, geom: Geometry, device) -> 
 
 def needs_visual_bias(has_mask: bool, geom: Geometry) -> bool:
     """Whether the key bias can be nonzero on visual key tiles: a user mask, or padding rows in edge tiles.
-    Where it cannot, the kernels skip the bias add on visual tiles (text blocks always get it)."""
-    return has_mask or geom.has_visual_padding
+    Where it cannot, the kernels skip the bias add on visual tiles (text blocks always get it). This is
+    ``block_sparse_attention``'s ``visual_bias``; ``tiled_attention`` takes ``has_mask`` alone (it knows
+    the grid, so it masks the padding itself)."""
+    return bool(has_mask) or geom.has_visual_padding
