@@ -8,9 +8,11 @@ bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
 - draftopt total (all five stages as ``draft_attention`` runs them), in bf16 and
-  with ``precision="fp8"`` (e4m3 q, k, P, V; where the plan runs FP8), and each
-  stage on its own: pool, draft map, select, permute, attend (tile-major: the
-  Gluon kernel on sm_90, else the Triton kernel), unpermute; stages 3-5 as the
+  with ``precision="fp8"`` (e4m3 q, k, P, V; where the plan runs FP8); where
+  ``tile="auto"`` picks another tiling than 8 x 16 (raster strips at Wan2.1's
+  45 x 80 frames), its total and stages 3-5 as well; and each stage on its own:
+  pool, draft map, select, permute, attend (tile-major: the Gluon kernel on
+  sm_90, else the Triton kernel), unpermute; stages 3-5 as the
   one op the pass emits (``tiled_attention``: on sm_90 the Gluon kernel reading
   and writing tiles in place at batch 1, elsewhere the Triton kernel); and the
   Triton attention kernel on the same tiles, for comparison; FP8's own stages
@@ -43,8 +45,8 @@ from _results import save_table
 from _shapes import SHAPES, shape
 from _timing import graphed
 from draftopt.kernels import (Geometry, block_mass, block_sparse_attention, draft_attention, draft_map, permute_tiles,
-                              permuted_key_bias, plan, score_map, select_blocks, tile_moments, tile_pool, tiled_attention,
-                              unpermute_tiles)
+                              permuted_key_bias, plan, score_map, select_blocks, tile_layout, tile_moments, tile_pool,
+                              tiled_attention, unpermute_tiles)
 from draftopt.kernels.block_mask import indices_to_dense
 from draftopt.kernels.geometry import permuted_source_index
 from draftopt.kernels.ops.quantize import fp8_operands
@@ -87,6 +89,27 @@ def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
     full_idx = torch.sort(dense.to(torch.uint8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
     zeros_cnt, zeros_idx = torch.zeros_like(full_cnt), torch.zeros_like(full_idx)
     return BlockMask.from_kv_blocks(zeros_cnt, zeros_idx, full_cnt, full_idx, BLOCK_SIZE=geom.block), dense
+
+
+def _auto_layout_rows(name, q, k, v, geom, s, policy, best, ref, row):
+    """Where ``tile="auto"`` picks another tiling than 8x16 (raster strips at Wan2.1's 45 x 80 frames): its
+    total and its stages 3-5, the FLOPs counted on its own blocks (``row`` records them)."""
+    layout = tile_layout(geom.grid, "auto")
+    if layout.tile == geom.tile:
+        return
+    g = layout.geometry(geom.text_len, geom.text_position)
+    scale = 128 ** -0.5
+    kv_idx, kv_cnt = select_blocks(score_map(q, k, g, scale, policy), s, policy)
+    _, blocks = flex_block_mask(kv_idx, kv_cnt, g)
+    flops = int(blocks.sum()) * 4 * g.block * g.block * 128
+    described = plan(g, q.dtype, q.device, 128, 1).describe()
+    total = lambda: draft_attention(q, k, v, geom.grid, text_len=geom.text_len, tile="auto", sparsity=s,  # noqa
+                                    policy=policy)
+    ms, mem = timed(total, graph=True)
+    row(f"draftopt total, tile auto = {layout.name}, pads {layout.padding:.1%} (CUDA graph; {described})", s, ms,
+        mem, flops, best, rel_err(total(), ref))
+    ms, mem = timed(lambda: tiled_attention(q, k, v, kv_idx, kv_cnt, g, scale=scale), graph=True)
+    row(f"stages 3-5 as one op, tile auto = {layout.name} (tiled_attention: {described})", s, ms, mem, flops, None)
 
 
 def bench_shape(name, sparsities, flex_compiled, policy):
@@ -159,6 +182,7 @@ def bench_shape(name, sparsities, flex_compiled, policy):
         sparse_bf16 = total()
         row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best,
             rel_err(sparse_bf16, ref))
+        _auto_layout_rows(name, q, k, v, geom, s, policy, best, ref, row)
         if fp8_plan.fp8:
             ms, mem = timed(lambda: total("fp8"), graph=True)
             out = total("fp8")

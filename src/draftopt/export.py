@@ -40,7 +40,7 @@ from torch import nn
 
 from . import backend as _backend
 from .kernels import draft_attention
-from .kernels.geometry import Geometry
+from .kernels.layout import tile_layout
 from .model_info import model_patch
 from .passes import DraftAttentionPass, DraftConfig, ModelContext, SiteRecord, find_attention_sites
 from .passes.sites import default_scale, example_value
@@ -258,7 +258,8 @@ def _not_exported(rec: SiteRecord, site: _SiteNodes | None) -> str:
 def _replace_site(graph: fx.Graph, nodes: dict, site: _SiteNodes, rec: SiteRecord, cfg: DraftConfig) -> None:
     """The site's attention call (SDPA, or the last matmul of explicit attention) -> one draft_attention_onnx."""
     old, q = nodes[site.node], nodes[site.q]
-    geom = Geometry(rec.grid, rec.tile, rec.text_len or 0, rec.text_position or "end")
+    layout = tile_layout(rec.grid, "strips" if rec.layout.startswith("strips") else rec.tile)
+    geom = layout.geometry(rec.text_len or 0, rec.text_position or "end")
     scale = float(site.scale) if site.scale is not None else default_scale(example_value(q).shape[-1])
     args = (q, nodes[site.k], nodes[site.v], nodes[site.mask] if site.mask else None, *geom.op_args(), scale,
             float(cfg.sparsity), cfg.policy, float(cfg.cdf_threshold))

@@ -214,7 +214,7 @@ class Report:
                 rows.append([
                     g.index, _SOURCES.get(g.source, g.source), s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",
                     s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
-                    "x".join(map(str, s.tile)) if s.tile else "-", s.n_tiles if s.n_tiles is not None else "-", text,
+                    s.layout or ("x".join(map(str, s.tile)) if s.tile else "-"), s.n_tiles if s.n_tiles is not None else "-", text,
                     mask, s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
                     s.parallel or "-", s.plan, s.precision or s.dtype or "-", s.status, s.reason or "-",
                 ])

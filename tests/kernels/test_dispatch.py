@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from draftopt.kernels import AttentionPlan, Backend, Geometry, dispatch, plan
+from draftopt.kernels import AttentionPlan, Backend, Geometry, dispatch, plan, tile_layout
 from draftopt.kernels.dispatch import check_backend, describe, stage_backend
 from draftopt.kernels.gluon import _sm90_kernel
 
@@ -44,7 +44,8 @@ def test_plan_takes_a_device_object_or_string():
 
 
 @pytest.mark.parametrize("batch, in_place", [(1, True), (2, False)])
-@pytest.mark.parametrize("g", [COVERED, PADDED], ids=["covered", "padded"])
+@pytest.mark.parametrize("g", [COVERED, PADDED, tile_layout((21, 45, 80), "strips").geometry()],
+                         ids=["covered", "padded", "strips"])
 def test_plan_on_sm90_takes_the_gluon_kernel_fused(capability, g, batch, in_place):
     """On Hopper the Gluon kernel runs stages 3-5 fused, padded or not: in place at batch 1,
     permuting inside the op otherwise."""

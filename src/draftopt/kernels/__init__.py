@@ -23,7 +23,8 @@ op                                              stage
 
 Layout: ``ops/`` (one file an op: registration, reference, wrapper), ``triton/``
 and ``gluon/`` (device code and launchers), ``dispatch.py`` (which attention
-kernel runs a site), ``geometry.py`` (token layout), ``sparsity.py`` (policies).
+kernel runs a site), ``geometry.py`` (token layout), ``layout.py`` (which tiling a site
+uses: tiles, raster strips, or the least padding), ``sparsity.py`` (policies).
 ``draft_attention`` runs all five stages. Importing this package registers the ops.
 """
 
@@ -31,6 +32,7 @@ from .block_mask import DraftBlockMask
 from .dispatch import AttentionPlan, Backend, plan
 from .draft_attention import draft_attention, score_map
 from .geometry import Geometry
+from .layout import TileLayout, tile_layout
 from .ops.attention import block_sparse_attention, tiled_attention
 from .ops.attention_sm90 import _attend_sm90_op  # noqa: F401  (registers draftopt::attend_sm90*)
 from .ops.block_mass import block_mass
@@ -43,8 +45,8 @@ from .ops.select import select_blocks
 from .sparsity import POLICIES
 
 __all__ = [
-    "AttentionPlan", "Backend", "DraftBlockMask", "Geometry", "POLICIES",
+    "AttentionPlan", "Backend", "DraftBlockMask", "Geometry", "POLICIES", "TileLayout",
     "block_mass", "block_sparse_attention", "captured_masks", "check_key_padding_mask", "draft_attention", "draft_map",
     "key_padding_bias", "needs_visual_bias", "permute_tiles", "permuted_key_bias", "plan", "score_map", "select_blocks",
-    "tile_moments", "tile_pool", "tiled_attention", "unpermute_tiles",
+    "tile_layout", "tile_moments", "tile_pool", "tiled_attention", "unpermute_tiles",
 ]

@@ -18,6 +18,7 @@ from ._utils import MAX_HEAD_DIM, check_dtype, check_mask_dtype, refuse_grad
 from .block_mask import DraftBlockMask
 from .dispatch import plan, require_precision
 from .geometry import Geometry
+from .layout import tile_layout
 from .ops.attention import block_sparse_attention, tiled_attention
 from .ops.block_mass import block_mass
 from .ops.draft_map import draft_map
@@ -41,7 +42,7 @@ def draft_attention(
     v: torch.Tensor,
     grid: tuple[int, int, int],
     *,
-    tile: tuple[int, int] = (8, 16),
+    tile: tuple[int, int] | str = (8, 16),
     text_len: int | None = None,
     text_position: str | int = "end",
     sparsity: float = 0.9,
@@ -57,7 +58,9 @@ def draft_attention(
     Args:
         q, k, v: [B, heads, L, D], L = T*H*W visual tokens + text tokens.
         grid: (T, H, W) visual tokens.
-        tile: tokens per tile (th, tw); th*tw is one kernel block.
+        tile: tokens per tile (th, tw); th*tw is one kernel block. "strips" or "auto": the
+            tilings of ``draftopt.kernels.layout`` (128-token raster strips per frame; the
+            tiling with the fewest padding rows).
         text_len: text tokens in L (default 0: the grid must explain the whole sequence).
         text_position: "start", "end", or how many of the text_len tokens come before the
             grid (the rest after it: FramePack's history, grid, text).
@@ -97,7 +100,7 @@ def draft_attention(
                              f"{L - n_visual} are text, pass text_len={L - n_visual} (and text_position), "
                              "else pass this attention's grid")
         text_len = 0
-    geom = Geometry(grid, tile, text_len, text_position)
+    geom = tile_layout(grid, tile).geometry(text_len, text_position)
     geom.check_seq_len(L)
     scale = D ** -0.5 if scale is None else float(scale)
 

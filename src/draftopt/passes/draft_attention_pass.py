@@ -30,6 +30,7 @@ import torch.fx as fx
 from ..kernels import AttentionPlan, Geometry, check_key_padding_mask, needs_visual_bias, plan
 from ..kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from ..kernels.dispatch import describe
+from ..kernels.layout import tile_layout
 from .config import DraftConfig
 from .infer_geometry import grid_sources, is_static, n_tokens, text_before_from_graph
 from .masks import OuterProductMask, masked_row_value, outer_product_mask
@@ -56,7 +57,8 @@ class SiteRecord:
     grid_source: str = ""
     text_len: int | None = None
     text_position: str | int | None = None  # "start", "end", or the count before the grid (Geometry's)
-    tile: tuple = ()
+    tile: tuple = ()  # the Geometry's tile ((1, 128) for strips, whose Geometry grid is (T, 1, H * W))
+    layout: str = ""  # the report's tile cell: "8x16", "strips", "strips (auto)"
     n_tiles: int | None = None
     sparsity: float | None = None
     policy: str | None = None
@@ -273,9 +275,11 @@ def site_geometry(grid, text_len: int, position, cfg: DraftConfig, facts: dict, 
     N = n_tokens(grid)
     if N < cfg.min_tokens:
         raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
-    geom = Geometry(grid, cfg.tile, text_len, position)
+    layout = tile_layout(grid, cfg.tile)  # strips see the grid as (T, 1, H * W)
+    geom = layout.geometry(text_len, position)
     facts.update(text_position=geom.text_position if text_len else None,  # a count of 0 / all: "end" / "start"
-                 tile=geom.tile, n_tiles=geom.n_tiles, sparsity=cfg.sparsity, policy=cfg.policy)
+                 tile=geom.tile, layout=layout.label, n_tiles=geom.n_tiles, sparsity=cfg.sparsity,
+                 policy=cfg.policy)
     return geom
 
 
