@@ -66,7 +66,8 @@ def _block_mass_op(
         return block_mass_reference(q_mean, q_spread, k_mean, k_spread, geom, scale)
     counts = tile_token_counts(geom, q_mean.device).float()
     qf, kf = mass_features(q_mean.float(), q_spread.float(), k_mean.float(), k_spread.float(), counts, scale)
-    return draft_map_triton(qf, kf, 1.0) * counts[:, None]
+    D = q_mean.shape[-1]  # the D-wide product apart from the 4 extra features (a power-of-two width)
+    return draft_map_triton(qf[..., :D], kf[..., :D], 1.0, qf[..., D:], kf[..., D:], counts)
 
 
 make_inference_only(_block_mass_op, "block_mass")
