@@ -1,6 +1,7 @@
 """Op-level benchmark: draft attention against every dense and sparse alternative.
 
-    python benchmarks/attention.py [--shapes hunyuan720p ...] [--sparsities 0.5 0.9] [--out DIR]
+    python benchmarks/attention.py [--shapes hunyuan720p ...] [--sparsities 0.5 0.9] [--extra-tiles auto strips]
+                                   [--out DIR]
 
 bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 
@@ -8,9 +9,9 @@ bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
 - draftopt total (all five stages as ``draft_attention`` runs them), in bf16 and
-  with ``precision="fp8"`` (e4m3 q, k, P, V; where the plan runs FP8); where
-  ``tile="auto"`` picks another tiling than 8 x 16 (raster strips at Wan2.1's
-  45 x 80 frames), its total and stages 3-5 as well; and each stage on its own:
+  with ``precision="fp8"`` (e4m3 q, k, P, V; where the plan runs FP8); for each
+  of ``--extra-tiles`` that is another tiling than 8 x 16 here ("auto": raster
+  strips at Wan2.1's 45 x 80 frames), its total and stages 3-5 as well; and each stage on its own:
   pool, draft map, select, permute, attend (tile-major: the Gluon kernel on
   sm_90, else the Triton kernel), unpermute; stages 3-5 as the
   one op the pass emits (``tiled_attention``: on sm_90 the Gluon kernel reading
@@ -91,10 +92,11 @@ def flex_block_mask(kv_idx, kv_cnt, geom: Geometry):
     return BlockMask.from_kv_blocks(zeros_cnt, zeros_idx, full_cnt, full_idx, BLOCK_SIZE=geom.block), dense
 
 
-def _auto_layout_rows(name, q, k, v, geom, s, policy, best, ref, row):
-    """Where ``tile="auto"`` picks another tiling than 8x16 (raster strips at Wan2.1's 45 x 80 frames): its
-    total and its stages 3-5, the FLOPs counted on its own blocks (``row`` records them)."""
-    layout = tile_layout(geom.grid, "auto")
+def _layout_rows(tile, q, k, v, geom, s, policy, best, ref, row):
+    """Where ``tile`` ("auto", "strips") means another tiling than the shape's 8x16 (e.g. "auto" at Wan2.1's
+    45 x 80 frames: raster strips): its total and its stages 3-5, the FLOPs counted on its own blocks (``row``
+    records them)."""
+    layout = tile_layout(geom.grid, tile)
     if layout.tile == geom.tile:
         return
     g = layout.geometry(geom.text_len, geom.text_position)
@@ -103,16 +105,17 @@ def _auto_layout_rows(name, q, k, v, geom, s, policy, best, ref, row):
     _, blocks = flex_block_mask(kv_idx, kv_cnt, g)
     flops = int(blocks.sum()) * 4 * g.block * g.block * 128
     described = plan(g, q.dtype, q.device, 128, 1).describe()
-    total = lambda: draft_attention(q, k, v, geom.grid, text_len=geom.text_len, tile="auto", sparsity=s,  # noqa
+    total = lambda: draft_attention(q, k, v, geom.grid, text_len=geom.text_len, tile=tile, sparsity=s,  # noqa
                                     policy=policy)
     ms, mem = timed(total, graph=True)
-    row(f"draftopt total, tile auto = {layout.name}, pads {layout.padding:.1%} (CUDA graph; {described})", s, ms,
+    label = f"tile {tile} = {layout.name}" if tile != layout.name else f"tile {tile}"
+    row(f"draftopt total, {label}, pads {layout.padding:.1%} (CUDA graph; {described})", s, ms,
         mem, flops, best, rel_err(total(), ref))
     ms, mem = timed(lambda: tiled_attention(q, k, v, kv_idx, kv_cnt, g, scale=scale), graph=True)
-    row(f"stages 3-5 as one op, tile auto = {layout.name} (tiled_attention: {described})", s, ms, mem, flops, None)
+    row(f"stages 3-5 as one op, {label} (tiled_attention: {described})", s, ms, mem, flops, None)
 
 
-def bench_shape(name, sparsities, flex_compiled, policy):
+def bench_shape(name, sparsities, flex_compiled, policy, extra_tiles=("auto",)):
     heads, geom = shape(name)
     grid, text_len = geom.grid, geom.text_len
     L = geom.seq_len
@@ -182,7 +185,8 @@ def bench_shape(name, sparsities, flex_compiled, policy):
         sparse_bf16 = total()
         row(f"draftopt total (CUDA graph; {site_plan.describe()})", s, ms, mem, kept_flops, best,
             rel_err(sparse_bf16, ref))
-        _auto_layout_rows(name, q, k, v, geom, s, policy, best, ref, row)
+        for tile in extra_tiles:
+            _layout_rows(tile, q, k, v, geom, s, policy, best, ref, row)
         if fp8_plan.fp8:
             ms, mem = timed(lambda: total("fp8"), graph=True)
             out = total("fp8")
@@ -215,6 +219,8 @@ def main():
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
     ap.add_argument("--policy", default="mass", choices=list(POLICIES))
+    ap.add_argument("--extra-tiles", nargs="*", default=["auto"], choices=["auto", "strips"],
+                    help="tilings to time beside 8x16 where they differ from it (total and stages 3-5)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     flex = None
@@ -224,7 +230,7 @@ def main():
         flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for name in args.shapes:
-        rows += bench_shape(name, args.sparsities, flex, args.policy)
+        rows += bench_shape(name, args.sparsities, flex, args.policy, args.extra_tiles)
         print(f"done {name}", flush=True)
     headers = list(rows[0])
     save_table("attention", headers, [[r[h] for h in headers] for r in rows],

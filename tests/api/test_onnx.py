@@ -89,6 +89,22 @@ def test_wan_sparse_export_runs_in_onnxruntime_with_a_skipped_site_dense(tmp_pat
 
 
 @torch.no_grad()
+def test_strips_export_carries_the_flattened_grid(tmp_path):
+    """tile="strips": the node's grid is the frame flattened, (T, 1, H * W) with (1, 128) tiles, and the file
+    computes what the PyTorch pass computes."""
+    wan, inputs = tiny_wan(), wan_inputs()
+    path = str(tmp_path / "wan_strips.onnx")
+    opts = dict(OPTS, tile="strips")
+    draftopt.export_onnx(wan, (), path, example_kwargs=inputs, sparsity=0.5, optimize=False, **opts)
+    nodes = draftopt_nodes(path)
+    assert nodes, "no DraftAttention node"
+    a = attrs(nodes[0])
+    assert (a["T"], a["H"], a["W"], a["tile_h"], a["tile_w"]) == (2, 1, 128, 1, 128)
+    want = draftopt.optimize(wan, compiler="eager", sparsity=0.5, **opts)(**inputs)[0]
+    assert rel(run_file(path, inputs), want) < 1e-4
+
+
+@torch.no_grad()
 def test_sparsity_zero_through_torch_onnx_export_equals_the_original(tmp_path):
     wan, inputs = tiny_wan(layers=1), wan_inputs()
     ep = draftopt.export_program(wan, (), example_kwargs=inputs, sparsity=0.0, **OPTS)
