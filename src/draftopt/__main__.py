@@ -39,13 +39,23 @@ def _load_factory(spec: str):
     return getattr(module, func)
 
 
+def _tile(words: list[str]):
+    """--tile TH TW, or --tile strips / auto (``DraftConfig.tile``; it names a bad value)."""
+    if len(words) == 1:
+        return words[0]
+    try:
+        return tuple(int(w) for w in words)
+    except ValueError:
+        raise ValueError(f"--tile takes TH TW (two ints), 'strips' or 'auto', got {' '.join(words)!r}") from None
+
+
 def _report(args) -> int:
     import torch
 
     import draftopt
 
     model, example = _load_factory(args.factory)()
-    options = dict(sparsity=args.sparsity, compiler="eager", tile=tuple(args.tile))
+    options = dict(sparsity=args.sparsity, compiler="eager", tile=_tile(args.tile))
     if args.latent_shape:
         options["latent_shape"] = tuple(args.latent_shape)
     if args.min_tokens is not None:
@@ -79,7 +89,8 @@ def main(argv=None) -> int:
     rep.add_argument("--latent-shape", type=int, nargs=3, metavar=("T", "H", "W"))
     rep.add_argument("--sparsity", type=float, default=0.9)
     rep.add_argument("--policy", choices=list(POLICIES))
-    rep.add_argument("--tile", type=int, nargs=2, default=[8, 16], metavar=("TH", "TW"))
+    rep.add_argument("--tile", nargs="+", default=["8", "16"], metavar="TILE",
+                     help="TH TW (default 8 16), 'strips' or 'auto' (DraftConfig.tile)")
     rep.add_argument("--min-tokens", type=int, help="skip sites with fewer visual tokens (default: DraftConfig's)")
     rep.add_argument("--format", choices=["text", "md", "json", "html"], default="text")
     rep.add_argument("--diff", action="store_true", help="append the graph code diff")

@@ -233,6 +233,9 @@ def test_cli_on_the_examples_factory(tmp_path, capsys, monkeypatch):
     assert [s.status for s in rep.sites] == ["rewritten", "rewritten"]
     assert rep.sites[0].grid == (8, 32, 32) and rep.sites[0].text_position == "start"
     assert "wrote" in capsys.readouterr().out
+    assert cli_main(["report", "examples/report_factories.py:toy_dit", "--tile", "auto", "--format", "json",
+                     "--out", str(out)]) == 0
+    assert {s.layout for s in Report.from_json(out.read_text()).sites} == {"8x16 (auto)"}  # 8x16 covers 32 x 32
 
 
 def test_cli_entry_point_help():
@@ -243,7 +246,9 @@ def test_cli_entry_point_help():
 def test_cli_bad_arguments_print_one_line(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     for args, message in [(["--sparsity", "1.5"], "sparsity must be a number in [0, 1), got 1.5"),
-                          (["--latent-shape", "8", "63", "64"], "latent_shape (8, 63, 64) does not match the latent")]:
+                          (["--latent-shape", "8", "63", "64"], "latent_shape (8, 63, 64) does not match the latent"),
+                          (["--tile", "8", "x"], "--tile takes TH TW (two ints), 'strips' or 'auto', got '8 x'"),
+                          (["--tile", "strip"], "tile must be (th, tw), 'strips' or 'auto', got 'strip'")]:
         assert cli_main(["report", "examples/report_factories.py:toy_dit", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
