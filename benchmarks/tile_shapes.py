@@ -7,10 +7,11 @@ equal sparsity (policy "mass"), each tiling's error against float64 dense attent
 benchmark's inputs (_fidelity_inputs.py; D 64, 2 heads a case, 4 head kinds):
 
 - tiles 8 x 16 (the default) and 16 x 8;
-- strips per frame: 128 consecutive tokens in raster order within a frame (grid (T, 1, H*W), tile (1, 128)):
-  each strip spans 128 / W rows, only a frame's last strip is padded;
-- strips global: 128 consecutive tokens in raster order over the whole clip (grid (1, 1, T*H*W)): only the
-  clip's last strip is padded, and the tile-major order is the original order (no permute).
+- strips per frame (``tile="strips"``): 128 consecutive tokens in raster order within a frame (grid
+  (T, 1, H*W), tile (1, 128)): each strip spans 128 / W rows, only a frame's last strip is padded;
+- strips global (not an option): 128 consecutive tokens in raster order over the whole clip (grid
+  (1, 1, T*H*W)): only the clip's last strip is padded, and the tile-major order is the original order;
+- ``tile="auto"``: the tiling ``draftopt.kernels.layout`` picks (the name says which).
 
 Padding = padded rows / real tokens: the work the kernel does for nothing. On these small grids padding is
 larger than at 720p (at 21 x 45 x 80: 6.7% for 8 x 16, 3.1% per frame, 0.06% global). CPU, about a minute;
@@ -25,7 +26,7 @@ from collections import defaultdict
 import torch
 from tabulate import tabulate
 
-from draftopt.kernels import Geometry, draft_attention
+from draftopt.kernels import draft_attention, tile_layout
 
 if __package__:
     from . import _results
@@ -34,14 +35,17 @@ else:
     import _results
     from _fidelity_inputs import HEAD_KINDS, build_cases
 
-GRIDS = [(3, 21, 37), (4, 24, 32)]  # partial tiles at two edges; whole 8 x 16 tiles
+# partial tiles at two edges; whole 8 x 16 tiles; 30 x 52 (Wan2.1 480p) at half size
+GRIDS = [(3, 21, 37), (4, 24, 32), (3, 15, 26)]
 HEADERS = ["grid", "sparsity", "tiling", "padding %", "mean error", "error / 8x16's"]
 
 
 def tilings(T: int, H: int, W: int):
-    """(name, grid, tile) of each tiling of a T x H x W grid."""
+    """(name, grid, tile) of each tiling of a T x H x W grid: the draft_attention call's arguments."""
+    auto = tile_layout((T, H, W), "auto").name
     return [("tiles 8x16", (T, H, W), (8, 16)), ("tiles 16x8", (T, H, W), (16, 8)),
-            ("strips per frame", (T, 1, H * W), (1, 128)), ("strips global", (1, 1, T * H * W), (1, 128))]
+            ("strips per frame", (T, H, W), "strips"), ("strips global", (1, 1, T * H * W), (1, 128)),
+            (f"auto (= {auto})", (T, H, W), "auto")]
 
 
 def main(argv=None) -> list[list]:
@@ -65,7 +69,8 @@ def main(argv=None) -> list[list]:
                     errors[case.meta["grid"], s, name].append(err)
     rows = []
     for (grid, s, name), errs in sorted(errors.items()):
-        g = Geometry(*[(gr, t) for n, gr, t in tilings(*map(int, grid.split("x"))) if n == name][0])
+        gr, t = [(gr, t) for n, gr, t in tilings(*map(int, grid.split("x"))) if n == name][0]
+        g = tile_layout(gr, t).geometry()
         base = errors[grid, s, "tiles 8x16"]
         rows.append([grid, s, name, round(100 * (g.padded_len / g.seq_len - 1), 2), round(sum(errs) / len(errs), 4),
                      round(sum(errs) / sum(base), 3)])
