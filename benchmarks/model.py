@@ -1,6 +1,7 @@
 """Model level: a Wan2.1-14B-shaped transformer, dense Inductor vs draftopt, with bf16 or FP8 linears.
 
     python benchmarks/model.py [--layers 4] [--sparsity 0.9] [--rows dense draftopt] [--fp8-attention]
+                               [--tile auto]
     python benchmarks/model.py --cpu-smoke          # tiny model on the CPU: checks the script runs
 
 diffusers WanTransformer3DModel with Wan2.1-14B dimensions (40 heads x 128,
@@ -20,7 +21,8 @@ inputs for every row; each row compiles it afresh (Inductor, dynamic=False):
     draftopt+fp8+fp8-attention   --fp8-attention: draftopt+fp8 with precision="fp8" passed to
                                  draftopt.optimize; skipped, with a note, where it has no such option
 
-``--rows`` picks rows (default the first four, in that order). Quantized rows
+``--rows`` picks rows (default the first four, in that order). ``--tile`` is draftopt's
+``tile`` option ("auto": raster strips at these 45 x 80 frames; default 8 x 16 tiles). Quantized rows
 quantize a deep copy (quantize_ works in place), so the bf16 rows keep the bf16
 weights; each row's graphs and copy are freed before the next. Prints each row as
 it is timed and a table last: ms per forward (wall clock, mean of --iters after 2
@@ -134,12 +136,15 @@ def main(argv=None):
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS, metavar="ROW",
                     help=f"of {', '.join(ROWS)} (default: %(default)s)")
     ap.add_argument("--fp8-attention", action="store_true", help="add draftopt+fp8+fp8-attention")
+    ap.add_argument("--tile", choices=["auto", "strips"], help="draftopt's tile option (default: 8 x 16 tiles)")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
     cpu = args.cpu_smoke
     names = list(dict.fromkeys(args.rows + (["draftopt+fp8+fp8-attention"] if args.fp8_attention else [])))
     base, inputs = build(args.layers, cpu)
     opts = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager") if cpu else {}
+    if args.tile:
+        opts["tile"] = args.tile
     rows, rep, t_first = [], None, None
     with torch.no_grad():
         for name in names:
@@ -162,7 +167,7 @@ def main(argv=None):
     device = "CPU smoke" if cpu else torch.cuda.get_device_name()
     sites = f", {len(rep.rewritten)} of {len(rep.sites)} attention sites rewritten" if rep else ""
     print(f"{device}, torch {torch.__version__}; Wan {'tiny' if cpu else '14B dims'}, {args.layers} layers{sites}")
-    meta = dict(device=device, torch=torch.__version__, layers=args.layers, sparsity=args.sparsity,
+    meta = dict(device=device, torch=torch.__version__, layers=args.layers, sparsity=args.sparsity, tile=args.tile,
                 rewritten=len(rep.rewritten) if rep else None, sites=len(rep.sites) if rep else None)
     if any(ROWS[n][0] for n in names):
         import torchao
