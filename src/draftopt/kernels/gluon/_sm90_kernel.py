@@ -4,8 +4,10 @@ Same contract as the Triton kernel (triton/attention.py) on tile-major q, k, v
 or, in place, on the original token order at batch 1: a visual query tile
 attends to its selected key tiles and to every text block; a text query block
 attends to every block; ``key_bias`` is added to text keys always and to visual
-keys when ``VISUAL_BIAS``. For 16-bit inputs, head dim 64 or 128, 128-token
-blocks. FlashAttention-3's schedule, written by hand:
+keys when ``VISUAL_BIAS``; with ``EDGE`` (a padded grid without a key mask) an edge
+tile's padding keys are masked by their position in the tile instead, so visual
+keys read no bias. For 16-bit inputs, head dim 64 or 128, 128-token blocks.
+FlashAttention-3's schedule, written by hand:
 
 - one producer warp issues every TMA load (q once; K and V into rings of
   buffers, each with a "ready" barrier the copy engine completes and an "empty"
@@ -65,11 +67,11 @@ if HAVE_GLUON:
         return bh_row0 + kb * BLOCK, kb
 
     @gluon.jit
-    def _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS: gl.constexpr):
-        """Block index of key j where the consumer needs it (its bias row). Keys j >= n_vis are text in
-        every query tile, so without a visual bias no index load sits on the softmax's critical path
-        (a dependent global load per key block otherwise: docs/design.md)."""
-        if VISUAL_BIAS:
+    def _bias_block(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, NEED_INDEX: gl.constexpr):
+        """Block index of key j where the consumer needs it (its bias row, or with EDGE its padding). Keys
+        j >= n_vis are text in every query tile, so without either no index load sits on the softmax's
+        critical path (a dependent global load per key block otherwise: docs/design.md)."""
+        if NEED_INDEX:
             kb = _key_row(idx_row, j, j0, cnt, n_vis, is_text, n_tiles, 0, 1)[1]
         else:
             kb = n_tiles + (j - n_vis)
