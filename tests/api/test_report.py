@@ -233,9 +233,12 @@ def test_cli_on_the_examples_factory(tmp_path, capsys, monkeypatch):
     assert [s.status for s in rep.sites] == ["rewritten", "rewritten"]
     assert rep.sites[0].grid == (8, 32, 32) and rep.sites[0].text_position == "start"
     assert "wrote" in capsys.readouterr().out
-    assert cli_main(["report", "examples/report_factories.py:toy_dit", "--tile", "auto", "--format", "json",
-                     "--out", str(out)]) == 0
-    assert {s.layout for s in Report.from_json(out.read_text()).sites} == {"8x16 (auto)"}  # 8x16 covers 32 x 32
+
+
+def test_cli_tile_words():
+    from draftopt.__main__ import _tile
+
+    assert (_tile(["auto"]), _tile(["strips"]), _tile(["4", "32"])) == ("auto", "strips", (4, 32))
 
 
 def test_cli_entry_point_help():
