@@ -209,12 +209,13 @@ class Report:
             for s in g.sites:
                 d, sp = site_flops(s)
                 grid = "x".join(map(str, s.grid)) if s.grid else "-"
+                tile = s.layout or ("x".join(map(str, s.tile)) if s.tile else "-")  # "strips (auto)", "8x16"
                 text = _text_cell(s)
                 mask = s.mask_form or ("other" if s.has_mask else "-")
                 rows.append([
                     g.index, _SOURCES.get(g.source, g.source), s.name, s.kind, "x".join(map(str, s.q_shape)) or "-",
                     s.kv_shape[2] if len(s.kv_shape) == 4 else "-", grid,
-                    s.layout or ("x".join(map(str, s.tile)) if s.tile else "-"), s.n_tiles if s.n_tiles is not None else "-", text,
+                    tile, s.n_tiles if s.n_tiles is not None else "-", text,
                     mask, s.policy or "-", "-" if s.sparsity is None else f"{s.sparsity:g}", _gflop(d), _gflop(sp),
                     s.parallel or "-", s.plan, s.precision or s.dtype or "-", s.status, s.reason or "-",
                 ])
