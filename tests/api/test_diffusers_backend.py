@@ -78,6 +78,20 @@ def test_sparsity_zero_matches_the_native_backend(name):
     torch.testing.assert_close(model(**inputs)[0], want)  # the model's own backend again
 
 
+@torch.no_grad()
+def test_strips_through_the_backend_with_a_key_mask():
+    """tile="strips" reaches the backend's sites: HunyuanVideo's padded prompt (a key mask) and its text, at
+    sparsity 0 the native output; the report shows the layout."""
+    model, inputs, text_len = build("hunyuan")
+    want = model(**inputs)[0]
+    handle = draftopt.use_attention_backend(model, sparsity=0.0, **dict(OPTS, tile="strips"))
+    torch.testing.assert_close(model(**inputs)[0], want, atol=1e-5, rtol=1e-5)
+    rep = draftopt.report(model)
+    assert {(s.grid, s.tile, s.layout, s.mask_form) for s in rep.rewritten} == {
+        (GRID, (1, 128), "strips", "key padding")}
+    handle.remove()
+
+
 @pytest.mark.parametrize("name", ["wan", "hunyuan"])
 @torch.no_grad()
 def test_sparse_calls_run_draft_attention_and_are_reported(name):
