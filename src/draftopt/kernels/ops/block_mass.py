@@ -37,16 +37,21 @@ from ..triton.draft_map import draft_map_triton
 from .draft_map import draft_map_reference
 
 
-def mass_features(q_mean, q_spread, k_mean, k_spread, counts, scale: float):
-    """Query and key features whose dot product is the corrected logit (see the module doc)."""
+def extra_features(q_mean, q_spread, k_mean, k_spread, counts, scale: float):
+    """The 4 query and key features beside the means whose dot product adds the corrections (module doc)."""
     D = q_mean.shape[-1]
     c = 0.5 * scale * scale
     q_sq, k_sq = q_mean.pow(2).sum(-1, keepdim=True), k_mean.pow(2).sum(-1, keepdim=True)
     qv, kv = q_spread.unsqueeze(-1), k_spread.unsqueeze(-1)
     log_n = counts.to(k_mean.dtype).log().expand(*k_mean.shape[:-1])[..., None]
-    qf = torch.cat([scale * q_mean, c * qv, c * q_sq, (c * D) * qv, torch.ones_like(qv)], dim=-1)
-    kf = torch.cat([k_mean, k_sq, kv, kv, log_n], dim=-1)
-    return qf.contiguous(), kf.contiguous()
+    return (torch.cat([c * qv, c * q_sq, (c * D) * qv, torch.ones_like(qv)], dim=-1),
+            torch.cat([k_sq, kv, kv, log_n], dim=-1))
+
+
+def mass_features(q_mean, q_spread, k_mean, k_spread, counts, scale: float):
+    """Query and key features whose dot product is the corrected logit (see the module doc)."""
+    q_extra, k_extra = extra_features(q_mean, q_spread, k_mean, k_spread, counts, scale)
+    return torch.cat([scale * q_mean, q_extra], dim=-1), torch.cat([k_mean, k_extra], dim=-1)
 
 
 def block_mass_reference(q_mean, q_spread, k_mean, k_spread, geom: Geometry, scale: float) -> torch.Tensor:
@@ -65,9 +70,10 @@ def _block_mass_op(
     if stage_backend(q_mean) is not Backend.TRITON:
         return block_mass_reference(q_mean, q_spread, k_mean, k_spread, geom, scale)
     counts = tile_token_counts(geom, q_mean.device).float()
-    qf, kf = mass_features(q_mean.float(), q_spread.float(), k_mean.float(), k_spread.float(), counts, scale)
-    D = q_mean.shape[-1]  # the D-wide product apart from the 4 extra features (a power-of-two width)
-    return draft_map_triton(qf[..., :D], kf[..., :D], 1.0, qf[..., D:], kf[..., D:], counts)
+    q_mean, k_mean = q_mean.float(), k_mean.float()
+    # the D-wide product apart from the 4 extra features, so it keeps a power-of-two width
+    q_extra, k_extra = extra_features(q_mean, q_spread.float(), k_mean, k_spread.float(), counts, scale)
+    return draft_map_triton(scale * q_mean, k_mean, 1.0, q_extra, k_extra, counts)
 
 
 make_inference_only(_block_mass_op, "block_mass")
