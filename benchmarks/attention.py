@@ -50,6 +50,7 @@ from draftopt.kernels import (Geometry, block_mass, block_sparse_attention, draf
                               tiled_attention, unpermute_tiles)
 from draftopt.kernels.block_mask import indices_to_dense
 from draftopt.kernels.geometry import permuted_source_index
+from draftopt.kernels.gluon.attention import edge_grid
 from draftopt.kernels.ops.quantize import fp8_operands
 from draftopt.kernels.ops.select import select_blocks_guarded
 from draftopt.kernels.sparsity import POLICIES
@@ -196,8 +197,8 @@ def bench_shape(name, sparsities, flex_compiled, policy, extra_tiles=("auto",)):
             stages["stage fp8 quantize (q, k, v -> tile-major e4m3)"] = lambda: fp8_operands(
                 q, k, v, permuted_source_index(geom, q.device), geom.block)
             stages["stage attend fp8 (gluon_sm90 on e4m3 tiles)"] = lambda: torch.ops.draftopt.attend_sm90_fp8(
-                *ops8, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, geom.has_visual_padding,
-                q.dtype)
+                *ops8, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, False, q.dtype,
+                list(edge_grid(geom, False) or ()))  # padding masked by position, as the op does
             stages["stages 3-5 as one op, fp8 (tiled_attention)"] = lambda: tiled_attention(
                 q, k, v, kv_idx, kv_cnt, geom, scale=scale, precision="fp8")
             del out

@@ -18,7 +18,8 @@ Variants (the op paths that launch the kernel): ``in-place`` (HunyuanVideo-like
 exact grid, text after it), ``edge`` (a padded grid without a key mask: edge
 padding masked by position), ``bias`` (the same grid, masked by the bias row,
 as with a key mask), ``strips`` (one-row 128-token tiles in place),
-``tile-major`` (permuted copies), ``fp8`` (the e4m3 mode).
+``tile-major`` (permuted copies), ``fp8`` (the e4m3 mode), ``fp8-edge`` (the e4m3 mode on the padded
+grid, its padding masked by position).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ if __package__:
 else:
     import _results
 
-VARIANTS = ("in-place", "edge", "bias", "strips", "tile-major", "fp8")
+VARIANTS = ("in-place", "edge", "bias", "strips", "tile-major", "fp8", "fp8-edge")
 HEADERS = ["variant", "constexprs", "registers", "spill bytes", "shared KB", "MUFU.EX2", "loop instructions",
            "loop mix"]
 
@@ -111,14 +112,16 @@ def _launch(variant: str):
         q, k, v, kv_idx, kv_cnt, bias = _inputs(geom)
         A.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, variant == "bias")
         return
-    q, k, v, kv_idx, kv_cnt, bias = _inputs(exact)
-    src = permuted_source_index(exact)
+    geom = padded if variant == "fp8-edge" else exact
+    q, k, v, kv_idx, kv_cnt, bias = _inputs(geom)
+    src = permuted_source_index(geom)
     qp, kp, vp = (t[:, :, src.clamp(min=0)].contiguous() for t in (q, k, v))
     if variant == "tile-major":
-        A.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, exact.n_tiles, exact.n_text_blocks, True)
+        A.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, True)
     else:
-        ops = fp8_operands_reference(q, k, v, src, exact.block)
-        A.attend_sm90_fp8(*ops, kv_idx, kv_cnt, bias, scale, exact.n_tiles, exact.n_text_blocks, True, q.dtype)
+        ops = fp8_operands_reference(q, k, v, src, geom.block)
+        A.attend_sm90_fp8(*ops, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, variant == "fp8",
+                          q.dtype, edges=A.edge_grid(geom, False))
 
 
 def compile_variant(variant: str) -> dict:

@@ -26,7 +26,8 @@ from draftopt.kernels import draft_map, permute_tiles, permuted_key_bias, select
 from draftopt.kernels.dispatch import sm90_misfit
 from draftopt.kernels.gluon import _sm90_kernel
 from draftopt.kernels.geometry import permuted_source_index
-from draftopt.kernels.gluon.attention import Sm90Tuning, attend_sm90, attend_sm90_fp8, attend_sm90_in_place
+from draftopt.kernels.gluon.attention import (Sm90Tuning, attend_sm90, attend_sm90_fp8, attend_sm90_in_place,
+                                              edge_grid)
 from draftopt.kernels.ops.quantize import fp8_operands
 from draftopt.kernels.triton.attention import (AttentionTuning, block_sparse_attention_triton, launch_config,
                                                tiled_attention_triton)
@@ -74,6 +75,7 @@ def main():
     print(f"kept blocks per query tile: mean {cnt.mean():.1f}, max {cnt.max():.0f}, min {cnt.min():.0f}; "
           f"a text query block: {g.n_blocks}")
     visual_bias = g.has_visual_padding  # no mask on visual keys: the kernel skips their bias add
+    edges = edge_grid(g, False)  # the Gluon kernel masks edge tiles' padding by position instead
     run_tile_major = lambda cfg: unpermute_tiles(  # noqa: E731
         block_sparse_attention_triton(qp, kp, vp, kv_idx, kv_cnt, bias, scale, g.block, g.n_text_blocks,
                                       visual_bias, cfg), g)
@@ -106,7 +108,7 @@ def main():
                 finish = lambda o: o  # noqa: E731
             else:  # timed without the unpermute (the op-level benchmark times the stages separately)
                 run_sm90 = lambda ki=ki, t=tuning: attend_sm90(  # noqa: E731
-                    qp, kp, vp, ki, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, visual_bias, t)
+                    qp, kp, vp, ki, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, False, t, edges)
                 finish = lambda o: unpermute_tiles(o, g)  # noqa: E731
             err = ((finish(run_sm90()).float() - want).norm() / want.norm()).item()
             runs[(label, in_place)] = (run_sm90, "n/a (other keys)" if idx == "same" else f"{err:.1e}", [])
@@ -119,7 +121,7 @@ def main():
             operands = fp8_operands(q, k, v, permuted_source_index(g, q.device), g.block)
             for ks, vs, pp in SM90_FP8_CONFIGS:
                 run_sm90 = lambda t=Sm90Tuning(ks, vs, pp): attend_sm90_fp8(  # noqa: E731
-                    *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, visual_bias, q.dtype, t)
+                    *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, False, q.dtype, t, edges)
                 err = ((unpermute_tiles(run_sm90(), g).float() - want).norm() / want.norm()).item()
                 runs[(f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot", False)] = (run_sm90, f"{err:.1e}", [])
         # Rounds over all configs, interleaved: one config's median drifts with the GPU's clocks and

@@ -108,6 +108,14 @@ def key_bias_for(g, key_keep: torch.Tensor, device) -> torch.Tensor:
     return permute_tiles(bias, g, pad_value=float("-inf"))[..., 0]
 
 
+def without_visual_bias(bias: torch.Tensor, g) -> torch.Tensor:
+    """``bias`` with 0 on every visual key, edge tiles' padding too: a kernel that masks that padding by its
+    position (no key mask on the grid) must give the same output from it; one that reads the bias would not."""
+    bias = bias.clone()
+    bias[..., : g.n_tiles * g.block] = 0.0
+    return bias
+
+
 def masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep) -> torch.Tensor:
     """Float64 dense attention in the original order, the block mask expanded to tokens (the oracle)."""
     allowed = ref.token_mask(kept(kv_idx, kv_cnt), g.grid, g.tile, g.text_len, g.text_position)

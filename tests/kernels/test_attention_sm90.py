@@ -9,7 +9,7 @@ from draftopt.kernels.gluon import _sm90_kernel
 from draftopt.kernels.gluon.attention import (Sm90Tuning, _n_sm, _tma_ready, attend_sm90, attend_sm90_in_place,
                                              reads_in_place)
 
-from ..helpers import key_bias_for, masked_reference, poison_outputs, random_block_mask
+from ..helpers import key_bias_for, masked_reference, poison_outputs, random_block_mask, without_visual_bias
 from .tolerances import assert_close
 
 
@@ -40,7 +40,7 @@ def test_sm90_matches_float64(g, B, H, D, density, visual_bias, dtype):
     qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
     with poison_outputs():
         out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
-                                               g.n_text_blocks, visual_bias)
+                                               g.n_text_blocks, visual_bias, [])
     assert_close(unpermute_tiles(out_p, g), masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
 
 
@@ -181,10 +181,13 @@ def test_text_on_both_sides_is_not_read_in_place():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("visual_bias", [True, False])
 @pytest.mark.parametrize("B", [1, 2])
-def test_sm90_tiled_with_text_on_both_sides_matches_float64(B):
+def test_sm90_tiled_with_text_on_both_sides_matches_float64(B, visual_bias):
     """History before the grid and text after it, through draftopt::tiled_attention on the Gluon kernel
-    (permuted inside the op), a key padding mask on the text after the grid."""
+    (permuted inside the op), a key padding mask on the text after the grid. The grid's columns are padded;
+    ``visual_bias`` False: the op masks that padding by position on the copies (the bias given is 0 on
+    every visual key)."""
     _require_sm90()
     g = Geometry((2, 24, 40), (8, 16), 300 + 77, 300)
     H, D, dtype = 2, 128, torch.bfloat16
@@ -193,10 +196,36 @@ def test_sm90_tiled_with_text_on_both_sides_matches_float64(B):
     key_keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
     key_keep[:, g.suffix_offset + 40:] = False
     bias = key_bias_for(g, key_keep, "cuda")
+    if not visual_bias:
+        bias = without_visual_bias(bias, g)
     with poison_outputs():
-        out = torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(), True,
-                                                 "gluon_sm90")
+        out = torch.ops.draftopt.tiled_attention(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, *g.op_args(),
+                                                 visual_bias, "gluon_sm90")
     assert_close(out, masked_reference(q, k, v, g, kv_idx, kv_cnt, key_keep), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g", [Geometry((3, 12, 20), (8, 16), 0, "end"), Geometry((2, 13, 37), (4, 32), 77, "end")],
+                         ids=["rows-cols", "tile4x32"])
+def test_sm90_tile_major_masks_edges_by_position(g):
+    """The tile-major op with ``edges``: edge tiles' padding keys masked by their position in the tile (the
+    bias is 0 on every visual key), against float64; without ``edges`` that padding would be attended."""
+    _require_sm90()
+    B, H, D, dtype = 2, 2, 128, torch.bfloat16
+    q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
+    kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, 0.5, "cuda")
+    keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
+    bias = without_visual_bias(key_bias_for(g, keep, "cuda"), g)
+    qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+    want = masked_reference(q, k, v, g, kv_idx, kv_cnt, keep)
+    edges = [*g.grid[1:], *g.tile]
+    with poison_outputs():
+        out = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
+                                             g.n_text_blocks, False, edges)
+    assert_close(unpermute_tiles(out, g), want, dtype)
+    unmasked = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
+                                              g.n_text_blocks, False, [])
+    assert (unpermute_tiles(unmasked, g).float().cpu() - want.float()).abs().max() > 1e-2
 
 
 def test_tma_ready_copies_what_the_copy_engine_cannot_read():

@@ -13,11 +13,12 @@ from draftopt.kernels import Geometry, dispatch, draft_attention, permute_tiles,
 from draftopt.kernels.geometry import permuted_source_index
 from draftopt.kernels.gluon import _sm90_kernel
 from draftopt.kernels.ops.attention import block_sparse_attention_fp8_reference
-from draftopt.kernels.ops.quantize import dequantized, fp8_operands_reference
+from draftopt.kernels.ops.quantize import dequantized, fp8_key_order, fp8_operands_reference
 from draftopt.kernels.sparsity import dense_indices
 from draftopt.kernels.triton.quantize import fp8_operands_triton
 
-from ..helpers import INTERPRETED, key_bias_for, masked_reference, poison_outputs, random_block_mask, rel_err
+from ..helpers import (INTERPRETED, key_bias_for, masked_reference, poison_outputs, random_block_mask, rel_err,
+                       without_visual_bias)
 
 E4M3_EPS = 2.0 ** -4  # half an ulp of e4m3, relative
 FP8_BUDGET = 0.08  # relative L2 error against float64 on random inputs (measured 0.052-0.054 on the H200)
@@ -61,6 +62,22 @@ def test_operands_round_trip(g, B, H, D, density):
         assert (err <= E4M3_EPS * want[:, :, real].abs() + 2.0 ** -9 / 448 * 2 * scale + 1e-7).all()
     assert (q8.float()[:, :, ~real] == 0).all() and (k8.float()[:, :, ~real] == 0).all()
     assert q8.float().abs().max() <= 448 and k8.float().abs().amax((2, 3)).min() == 448
+
+
+def test_vt8_columns_in_the_kernels_key_order():
+    """Column c of V^T holds token fp8_key_order[c] (the order a kernel thread holds 4 keys of P in one
+    register), a permutation within each 16 tokens; the natural order does not match."""
+    order = fp8_key_order(256)
+    assert sorted(order.tolist()) == list(range(256)) and ((order // 16) == torch.arange(256) // 16).all()
+    g = Geometry((2, 16, 32), (8, 16))
+    q, k, v = _inputs(g, 1, 2, 64, "cpu")
+    vt8, vs = (fp8_operands_reference(q, k, v, permuted_source_index(g), g.block)[i] for i in (2, 5))
+    got, vt = vt8.float() * vs[..., None, None], permute_tiles(v, g).transpose(2, 3)
+    tol = E4M3_EPS * vt.abs().amax() * 2
+    assert (got - vt[..., fp8_key_order(g.padded_len)]).abs().max() <= tol
+    assert (got - vt).abs().max() > 10 * tol
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fp8_key_order(24)
 
 
 def test_operands_leave_nan_in_its_rows():
@@ -227,20 +244,28 @@ def test_config_validates_precision():
 
 # -- the Gluon kernel (GPU) -------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("visual_bias", [True, False])
 @pytest.mark.parametrize("g, B, H, D, density", GEOMETRIES, ids=IDS)
-def test_sm90_fp8_matches_reference(g, B, H, D, density):
+def test_sm90_fp8_matches_reference(g, B, H, D, density, visual_bias):
     """The Gluon FP8 kernel (through tiled_attention, as the pass calls it) against the simulated FP8 path
-    (P rounded against the final row maximum there, the running one in the kernel) and float64."""
+    (P rounded against the final row maximum there, the running one in the kernel) and float64.
+    ``visual_bias`` False (no key mask on the grid): the kernel masks edge tiles' padding by position, so
+    it is given a bias that is 0 on every visual key."""
     _require_sm90()
     q, k, v = _inputs(g, B, H, D, "cuda", torch.bfloat16)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # SDPA's [B, L, heads, D] strides
     kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, density, "cuda")
     keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
-    if g.text_len > 1:
+    if g.text_len > 1 and visual_bias:  # may hide grid tokens too (text on both sides: the first 7 of the grid)
         keep[0, g.text_offset: g.text_offset + g.text_len // 2] = False
+    elif g.text_len > 1:  # text tokens only: no key mask on the grid
+        text = torch.ones(g.seq_len, dtype=torch.bool, device="cuda")
+        text[g.visual_offset: g.visual_offset + g.n_visual] = False
+        keep[0, text & (torch.arange(g.seq_len, device="cuda") % 2 == 0)] = False
     bias = key_bias_for(g, keep, "cuda")
+    given = bias if visual_bias else without_visual_bias(bias, g)
     with poison_outputs():
-        got = tiled_attention(q, k, v, kv_idx, kv_cnt, g, key_bias=bias, visual_bias=True, precision="fp8")
+        got = tiled_attention(q, k, v, kv_idx, kv_cnt, g, key_bias=given, visual_bias=visual_bias, precision="fp8")
     assert not got.isnan().any()
     simulated = tiled_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), kv_idx.cpu(), kv_cnt.cpu(), g,
                                 key_bias=bias.cpu(), visual_bias=True, precision="fp8")

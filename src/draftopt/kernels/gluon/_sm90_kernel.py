@@ -25,8 +25,9 @@ FlashAttention-3's schedule, written by hand:
   reached, so concurrent programs share K / V blocks in L2;
 - ``FP8=True`` (``precision="fp8"``): the same schedule on tile-major e4m3 q, k
   and V^T (triton/quantize.py makes them) with FP8 wgmma; the scales fold into
-  the softmax scale and the epilogue, P (times 256) goes through shared memory,
-  and the 16-bit output has a buffer of its own.
+  the softmax scale and the epilogue, P (times 256, in the exponent) stays in
+  registers with its keys in V^T's order (``fp8_key_order``), and the 16-bit
+  output has a buffer of its own.
 
 Why each of these, with the numbers: docs/design.md ("Hopper: why a Gluon kernel").
 Launchers and the op-facing functions: attention.py beside this file.
@@ -51,7 +52,9 @@ HAVE_GLUON = IMPORT_ERROR is None
 
 # FP8: P is scaled by this before its e4m3 cast, so that its small entries stay normal numbers (e4m3's
 # smallest normal is 2**-6: unscaled, entries below ~2**-9 of their row's maximum would round to 0).
-FP8_P_SCALE = 256.0
+# The kernel adds its log2 to the exponent (exp2(x + 8) = 256 * exp2(x)): no multiply per score.
+FP8_P_SCALE_LOG2 = 8
+FP8_P_SCALE = 2.0 ** FP8_P_SCALE_LOG2
 
 if HAVE_GLUON:
 
@@ -140,21 +143,24 @@ if HAVE_GLUON:
         else:
             _tma_store(tm, [row_tm, 0], buf)
 
+    P_SCALE_LOG2 = gl.constexpr(float(FP8_P_SCALE_LOG2))
+
     @gluon.jit
     def _softmax(s, m_i, l_i, bias_ptr, qk_scale, APPLY_BIAS: gl.constexpr, BLOCK: gl.constexpr,
-                 s_layout: gl.constexpr):
-        """One key block into the running softmax (log2 units): (P, m_new, alpha, l_new)."""
+                 s_layout: gl.constexpr, P_LOG2: gl.constexpr):
+        """One key block into the running softmax (log2 units): (P, m_new, alpha, l_new). P and l are
+        2**P_LOG2 times the softmax's (FP8's P scale, folded into the exponent: no multiply per score)."""
         if APPLY_BIAS:
             offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
             bias = gl.load(bias_ptr + offs) * 1.4426950408889634
             s = s * qk_scale + bias[None, :]
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
-            p = gl.exp2(s - m_safe[:, None])
+            p = gl.exp2(s - (m_safe - P_LOG2)[:, None])
             alpha = gl.exp2(m_i - m_safe)
         else:
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
+            p = gl.exp2(s * qk_scale - (m_new - P_LOG2)[:, None])
             alpha = gl.exp2(m_i - m_new)
         return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
 
@@ -186,32 +192,53 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS: gl.constexpr,
-                     EDGE: gl.constexpr, EDGE_TH: gl.constexpr, BLOCK: gl.constexpr, s_layout: gl.constexpr):
+                     EDGE: gl.constexpr, EDGE_TH: gl.constexpr, BLOCK: gl.constexpr, s_layout: gl.constexpr,
+                     FP8: gl.constexpr):
         """Key block j (block kb) into the running softmax. Text keys (j >= n_vis), and every key with
         VISUAL_BIAS, add their bias row; with EDGE, visual keys mask their tile's padding by position
         (``_valid_extent``: no bias load); other visual keys add nothing."""
+        P_LOG2: gl.constexpr = P_SCALE_LOG2 if FP8 else 0.0
         if (j >= n_vis) | VISUAL_BIAS:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout)
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout, P_LOG2)
         else:
             if EDGE:
                 s = _padding_masked(s, vr, vc, EDGE_TH, BLOCK, s_layout)
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout)
+            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout, P_LOG2)
         return p, m_i, alpha, l_i
 
-    P_SCALE = gl.constexpr(FP8_P_SCALE)
-
     @gluon.jit
-    def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, p_smem, FP8: gl.constexpr):
-        """P (float32, S's layout) as the A operand of the PV product: in registers, or for FP8 in this
-        warpgroup's shared buffer (Triton 3.6 cannot wait on a wgmma that reads 8-bit registers: "Unexpected
-        bitwidth in WGMMAWaitGroupOp"). The caller has waited for the product that read the buffer last."""
+    def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
+        """P (float32, S's layout) in the layout of the PV product's register A operand. 16-bit: cast, and
+        the same registers. FP8: still float32 (``_a_operand`` casts it where the product is issued), its
+        keys reordered so that no value changes thread (``fp8_key_order``: the copy of V^T is in the same
+        order)."""
         if FP8:
-            p_smem.store((p * P_SCALE).to(dtype))
-            fence_async_shared()
-            op = p_smem
+            ROWS: gl.constexpr = p.shape[0]
+            BLOCK: gl.constexpr = p.shape[1]
+            # Key 16g + 8h + 2t + e (t: the thread in its quad) of the accumulator goes to 16g + 4t + 2h + e:
+            # a thread's own 4 keys, adjacent as the 8-bit operand's 32-bit registers hold them.
+            p = gl.reshape(p, [ROWS, BLOCK // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4))
+            op = gl.convert_layout(gl.reshape(p, [ROWS, BLOCK]), p_layout)
         else:
             op = gl.convert_layout(p.to(dtype), p_layout)
         return op
+
+    @gluon.jit
+    def _a_operand(p_op, FP8: gl.constexpr):
+        """The PV product's A operand from ``_p_operand``'s: FP8 casts 4 keys to one 32-bit register (two
+        cvt and a byte permute) right before the product, in the block that issues it. Cast at the end of the
+        previous iteration, the 8-bit values crossed the loop as 16-bit registers, unpacked and repacked:
+        200 more instructions a key block (benchmarks/sm90_sass.py). Casting here also keeps 8-bit
+        registers out of the wgmma wait, which Triton 3.6 rejects ("Unexpected bitwidth in
+        WGMMAWaitGroupOp: 8")."""
+        if FP8:
+            p_op = gl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+                "mov.b32 $0, {lo, hi}; }",
+                "=r,r,r,r,r", [p_op], dtype=gl.float8e4nv, is_pure=True, pack=4)
+        return p_op
 
     @gluon.jit
     def _v_operand(v_smem, vs, FP8: gl.constexpr):
@@ -248,7 +275,7 @@ if HAVE_GLUON:
                             nhw, 0, BLOCK, TILE_H, IN_PLACE)
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem,
+    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem,
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
                   nw, nhw, VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
@@ -282,8 +309,8 @@ if HAVE_GLUON:
         kb = _bias_block(idx_row, 0, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS | EDGE)
         vr, vc = _valid_extent(kb, EDGE, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, EDGE_TH, BLOCK)
         p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, 0, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS, EDGE,
-                                          EDGE_TH, BLOCK, s_layout)
-        p_op = _p_operand(p, dtype, p_layout, p_smem.index(c), FP8)
+                                          EDGE_TH, BLOCK, s_layout, FP8)
+        p_op = _p_operand(p, dtype, p_layout, FP8)
 
         for j in range(1, n_total):
             ks = j % K_STAGES
@@ -295,7 +322,7 @@ if HAVE_GLUON:
                 mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
             s_tok = warpgroup_mma(q_mine, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
-            acc_tok = warpgroup_mma(p_op, _v_operand(v_smem, vs, FP8), acc, is_async=True)
+            acc_tok = warpgroup_mma(_a_operand(p_op, FP8), _v_operand(v_smem, vs, FP8), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - c))
             # While both products run: the padding extent of key tile kb (its index load has landed).
@@ -304,18 +331,18 @@ if HAVE_GLUON:
             mbarrier.arrive(k_empty.index(ks))
             # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
             p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS,
-                                              EDGE, EDGE_TH, BLOCK, s_layout)
+                                              EDGE, EDGE_TH, BLOCK, s_layout, FP8)
             if FP8:
                 acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             else:
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
             mbarrier.arrive(v_empty.index(vs))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = _p_operand(p, dtype, p_layout, p_smem.index(c), FP8)
+            p_op = _p_operand(p, dtype, p_layout, FP8)
 
         vs = (n_total - 1) % V_STAGES
         mbarrier.wait(v_ready.index(vs), ((n_total - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(p_op, _v_operand(v_smem, vs, FP8), acc)
+        acc = warpgroup_mma(_a_operand(p_op, FP8), _v_operand(v_smem, vs, FP8), acc)
         mbarrier.arrive(v_empty.index(vs))
 
         l_o = gl.convert_layout(l_i, row_o)
@@ -380,18 +407,16 @@ if HAVE_GLUON:
         v_scale = qk_scale * 0.0 + 1.0
         if FP8:  # dequantization folded into the softmax scale and the epilogue
             qk_scale = qk_scale * gl.load(QScale + bh * (Lp // BLOCK) + pid_m) * gl.load(KScale + bh)
-            v_scale = gl.load(VScale + bh) / P_SCALE
+            v_scale = gl.load(VScale + bh)  # P's scale is in l as well: acc / l cancels it
 
         q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]],
                                            v_desc.layout)
-        if FP8:  # a 16-bit output does not fit q's 8-bit buffer; P goes through shared memory (_p_operand)
+        if FP8:  # a 16-bit output does not fit q's 8-bit buffer
             o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, ROWS, HEAD_D], o_desc.layout)
-            p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK], k_desc.layout)  # 128-byte rows, as K's
         else:
             o_smem = q_smem
-            p_smem = q_smem  # unused
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -410,11 +435,11 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
                          IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),
-            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, p_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
                          IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),

@@ -34,7 +34,7 @@ class Sm90Tuning:
 
 
 DEFAULT_TUNING = Sm90Tuning()
-# FP8 runs best without ping-pong: 26.1 ms against 27.0 at HunyuanVideo 720p 0.9 on the H200 (docs/design.md).
+# FP8 runs best without ping-pong: 24.76 ms against 25.62 at HunyuanVideo 720p 0.9 on the H200 (docs/design.md).
 DEFAULT_FP8_TUNING = Sm90Tuning(pingpong=False)
 
 
@@ -61,10 +61,19 @@ def _desc(t, shape, strides, block, gl_dtype):
     return K.TensorDescriptor(t, shape, strides, block, K.gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
 
 
+def edge_grid(geom: Geometry, visual_bias: bool) -> tuple[int, int, int, int] | None:
+    """(H, W, tile_h, tile_w) where the kernel masks the padding keys of ``geom``'s edge tiles by their
+    position (a padded grid, and no key mask: the bias is then zero on every real visual key), else None."""
+    if not geom.has_visual_padding or visual_bias:
+        return None
+    return (*geom.grid[1:], *geom.tile)
+
+
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None, edges: Geometry | None = None):
-    """``edges``: a padded grid whose edge tiles' padding keys the kernel masks by position (their index
-    and tile geometry, no bias row); None where the bias (or nothing: an exact grid) does."""
+            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None, edges: tuple[int, ...] | None = None):
+    """``edges``: (H, W, tile_h, tile_w) of a padded grid whose edge tiles' padding keys the kernel masks
+    by position (``edge_grid``: the tile's index, no bias row); None where the bias (or nothing: an exact
+    grid) does. Tile-major copies keep each tile's tokens in box order, as the tiles in place are."""
     if Lp != (n_tiles + n_text_blocks) * BLOCK:
         raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
@@ -73,8 +82,8 @@ def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_t
     # Constexpr, so the kernel's divisions by them are multiply-shifts: one compile per padded grid.
     edge_th, e_nw, e_nhw, e_nh, e_rows, e_cols = 1, 1, 1, 1, 1, 1
     if edges is not None:
-        (_, H, W), (edge_th, tw) = edges.grid, edges.tile
-        e_nh, e_nw = edges.tiles_hw
+        H, W, edge_th, tw = edges
+        e_nh, e_nw = -(-H // edge_th), -(-W // tw)
         e_nhw, e_rows, e_cols = e_nh * e_nw, H - (e_nh - 1) * edge_th, W - (e_nw - 1) * tw
     K._attend_sm90_kernel[((n_tiles + n_text_blocks) * n_bh,)](
         *tm, *boxes, *texts, bias_b, kv_idx, kv_cnt, *scales,
@@ -89,8 +98,9 @@ def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_t
 
 
 def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-                tuning: Sm90Tuning = DEFAULT_TUNING):
-    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output; ``bias`` [B|1, heads|1, Lp] float32."""
+                tuning: Sm90Tuning = DEFAULT_TUNING, edges: tuple[int, ...] | None = None):
+    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output; ``bias`` [B|1, heads|1, Lp] float32.
+    ``edges`` (``edge_grid``): mask edge tiles' padding by position, not by the bias."""
     B, heads, Lp, D = q.shape
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = torch.empty((B, heads, Lp, D), dtype=q.dtype, device=q.device)
@@ -100,15 +110,17 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
     tm = [_desc(t, [rows, D], [D, 1], [BLOCK // (2 if t is q or t is out else 1), D], gl_dtype)
           for t in (q, k, v, out)]
     _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, tuning)
+            visual_bias, False, tuning, edges=edges)
     return out
 
 
 def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks,
-                    visual_bias, out_dtype, tuning: Sm90Tuning = DEFAULT_FP8_TUNING):
+                    visual_bias, out_dtype, tuning: Sm90Tuning = DEFAULT_FP8_TUNING,
+                    edges: tuple[int, ...] | None = None):
     """FP8 attention on tile-major e4m3 operands (``triton/quantize.py`` makes them): q8, k8 [B, heads, Lp, D],
-    vt8 = V^T [B, heads, D, Lp]; float32 scales q_scale [B, heads, Lp / 128], k_scale and v_scale [B, heads].
-    Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit)."""
+    vt8 = V^T [B, heads, D, Lp] (tokens in ``ops/quantize.fp8_key_order`` within each 16); float32 scales
+    q_scale [B, heads, Lp / 128], k_scale and v_scale [B, heads].
+    Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit). ``edges``: as attend_sm90's."""
     B, heads, Lp, D = q8.shape
     out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
     f8, o16 = _gl_dtype(torch.float8_e4m3fn), _gl_dtype(out_dtype)
@@ -119,7 +131,7 @@ def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias
     od = _desc(out, [rows, D], [D, 1], [BLOCK // 2, D], o16)
     tm = [qd, kd, vd, od]
     _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()))
+            visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()), edges)
     return out
 
 
@@ -170,5 +182,5 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
     nh, nw = geom.tiles_hw
     _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
             geom.n_tiles, geom.n_text_blocks, geom.padded_len, nw, nh * nw, th, visual_bias, True, tuning,
-            edges=geom if geom.has_visual_padding and not visual_bias else None)
+            edges=edge_grid(geom, visual_bias))
     return out

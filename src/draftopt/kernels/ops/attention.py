@@ -37,7 +37,7 @@ from ..dispatch import Backend, check_backend, check_precision, plan, require_pr
 from ..geometry import Geometry, original_to_permuted_index, permuted_source_index
 from ..gluon._sm90_kernel import FP8_P_SCALE
 from ..gluon.attention import BLOCK as SM90_BLOCK
-from ..gluon.attention import reads_in_place
+from ..gluon.attention import edge_grid, reads_in_place
 from ..triton.attention import block_sparse_attention_triton, tiled_attention_triton
 from ..triton.gather import gather_rows_triton
 from ..triton.quantize import fp8_operands_triton
@@ -105,20 +105,22 @@ def tiled_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Ge
     return out
 
 
-def _attend_sm90_fp8(q, k, v, src, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_text_blocks, visual_bias):
+def _attend_sm90_fp8(q, k, v, src, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_text_blocks, visual_bias,
+                     edges=()):
     """The Gluon FP8 kernel on e4m3 tile-major copies of the rows ``src`` of q, k, v (tile-major output)."""
     operands = fp8_operands_triton(q, k, v, src, SM90_BLOCK)
     return torch.ops.draftopt.attend_sm90_fp8(*operands, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_text_blocks,
-                                              visual_bias, q.dtype)
+                                              visual_bias, q.dtype, list(edges))
 
 
 def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias, fp8):
-    """The Gluon kernel on original-order tensors: in place where it can (masking edge tiles' padding by
-    position), else on permuted copies (FP8: e4m3 copies, made in the same pass as the permute), where the
-    bias masks the padding."""
+    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies (FP8: e4m3
+    copies, made in the same pass as the permute). Without a key mask, edge tiles' padding is masked by its
+    position either way (``edge_grid``), so visual keys read no bias."""
+    edges = edge_grid(geom, visual_bias) or ()
     if fp8:
         out_p = _attend_sm90_fp8(q, k, v, permuted_source_index(geom, q.device), kv_idx, kv_cnt, key_bias, scale,
-                                 geom.n_tiles, geom.n_text_blocks, needs_visual_bias(visual_bias, geom))
+                                 geom.n_tiles, geom.n_text_blocks, visual_bias, edges)
         return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
     if reads_in_place(geom, q.shape[0]):
         return torch.ops.draftopt.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, key_bias, scale, *geom.op_args(),
@@ -126,7 +128,7 @@ def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geomet
     src = permuted_source_index(geom, q.device)
     qp, kp, vp = (gather_rows_triton(t, src) for t in (q, k, v))
     out_p = torch.ops.draftopt.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, key_bias, scale, geom.n_tiles,
-                                           geom.n_text_blocks, needs_visual_bias(visual_bias, geom))
+                                           geom.n_text_blocks, visual_bias, list(edges))
     return gather_rows_triton(out_p, original_to_permuted_index(geom, q.device), out=torch.empty_like(q))
 
 
@@ -142,7 +144,7 @@ def _block_sparse_attention_op(
                                 scale, kv_idx.shape[2], n_text_blocks, visual_bias)
     if chosen is Backend.GLUON_SM90:
         return torch.ops.draftopt.attend_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, kv_idx.shape[2],
-                                              n_text_blocks, visual_bias)
+                                              n_text_blocks, visual_bias, [])
     if chosen is Backend.TRITON:
         return block_sparse_attention_triton(q, k, v, kv_idx, kv_cnt, key_bias, scale, block, n_text_blocks,
                                              visual_bias)

@@ -17,13 +17,22 @@ from ..gluon.attention import attend_sm90, attend_sm90_fp8, attend_sm90_in_place
 @torch.library.custom_op("draftopt::attend_sm90", mutates_args=())
 def _attend_sm90_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
                     bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int,
-                    visual_bias: bool) -> torch.Tensor:
-    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output."""
-    return attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias)
+                    visual_bias: bool, edges: list[int]) -> torch.Tensor:
+    """Tile-major q, k, v [B, heads, Lp, D] -> tile-major output. ``edges``: [H, W, tile_h, tile_w] of a
+    padded grid whose edge tiles' padding keys are masked by position (``gluon.attention.edge_grid``), or
+    [] where the bias masks them."""
+    return attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
+                       edges=_edges(edges))
+
+
+def _edges(edges: list[int]) -> tuple[int, ...] | None:
+    if len(edges) not in (0, 4):
+        raise ValueError(f"edges must be [] or [H, W, tile_h, tile_w], got {edges}")
+    return tuple(edges) or None
 
 
 @_attend_sm90_op.register_fake
-def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias):
+def _(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias, edges):
     return q.new_empty(q.shape)
 
 
@@ -47,14 +56,14 @@ def _(q, k, v, kv_idx, kv_cnt, bias, scale, T, H, W, th, tw, text_len, text_befo
 def _attend_sm90_fp8_op(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale: torch.Tensor,
                         k_scale: torch.Tensor, v_scale: torch.Tensor, kv_idx: torch.Tensor, kv_cnt: torch.Tensor,
                         bias: torch.Tensor, scale: float, n_tiles: int, n_text_blocks: int, visual_bias: bool,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+                        out_dtype: torch.dtype, edges: list[int]) -> torch.Tensor:
     """Tile-major e4m3 q8, k8 [B, heads, Lp, D] and V^T vt8 [B, heads, D, Lp] (ops/quantize.py) -> tile-major
-    output in ``out_dtype``."""
+    output in ``out_dtype``. ``edges``: as draftopt::attend_sm90's."""
     return attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles,
-                           n_text_blocks, visual_bias, out_dtype)
+                           n_text_blocks, visual_bias, out_dtype, edges=_edges(edges))
 
 
 @_attend_sm90_fp8_op.register_fake
 def _(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
-      out_dtype):
+      out_dtype, edges):
     return q8.new_empty(q8.shape, dtype=out_dtype)

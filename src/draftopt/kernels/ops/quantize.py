@@ -2,8 +2,9 @@
 
 ``fp8_operands(q, k, v, src, block)`` returns (q8, k8, vt8, q_scale, k_scale,
 v_scale): tile-major e4m3 q8 and k8 [B, heads, Lp, D], vt8 = V^T [B, heads, D,
-Lp], q_scale per block [B, heads, Lp / block], k_scale and v_scale per head
-[B, heads] (float32; x ~ x8 * scale). k8 is k minus its per-channel mean over
+Lp] with its tokens in ``fp8_key_order`` within each 16, q_scale per block [B,
+heads, Lp / block], k_scale and v_scale per head [B, heads] (float32; x ~ x8 *
+scale). k8 is k minus its per-channel mean over
 the head's tokens (the softmax does not see it). ``dequantized`` inverts it
 into tile-major float32 q, k, v.
 
@@ -23,6 +24,23 @@ import torch
 
 from ..triton.quantize import E4M3_MAX, fp8_operands_triton
 from .permute import gather_rows_reference
+
+
+def fp8_key_order(n: int, device=None) -> torch.Tensor:
+    """The token (tile-major position) in each column of the FP8 kernel's V^T copy: column 16g + 4t + 2h + e
+    holds token 16g + 8h + 2t + e. That is the order in which a thread of the kernel holds P's keys once
+    each 4 of them share a 32-bit register (the 8-bit wgmma's A operand), so P needs no shuffle between
+    threads and V^T is read in the same order (a sum over keys does not depend on their order).
+
+    Example:
+        >>> fp8_key_order(16).tolist()
+        [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+    """
+    if n % 16:
+        raise ValueError(f"fp8_key_order needs a multiple of 16 tokens, got {n}")
+    c = torch.arange(n, device=device)
+    r = c % 16
+    return c - r + 8 * ((r // 2) % 2) + 2 * (r // 4) + r % 2
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
@@ -51,7 +69,8 @@ def fp8_operands_reference(q, k, v, src: torch.Tensor, block: int):
     q_scale = _scale(_finite_abs(blocks).amax((3, 4)))
     q8 = (blocks / q_scale[..., None, None]).flatten(2, 3).to(torch.float8_e4m3fn)
     k8 = (kp / k_scale[..., None, None]).to(torch.float8_e4m3fn)
-    vt8 = (vp / v_scale[..., None, None]).to(torch.float8_e4m3fn).transpose(2, 3).contiguous()
+    vt8 = (vp / v_scale[..., None, None]).to(torch.float8_e4m3fn).transpose(2, 3)
+    vt8 = vt8[..., fp8_key_order(vt8.shape[-1], vt8.device)].contiguous()
     return q8, k8, vt8, q_scale, k_scale, v_scale
 
 
@@ -66,5 +85,6 @@ def dequantized(q8, k8, vt8, q_scale, k_scale, v_scale, block: int):
     """Tile-major float32 q, k (minus its mean), v from the FP8 operands."""
     q = (q8.float().unflatten(2, (-1, block)) * q_scale[..., None, None]).flatten(2, 3)
     k = k8.float() * k_scale[..., None, None]
-    v = vt8.float().transpose(2, 3) * v_scale[..., None, None]
+    token_column = torch.argsort(fp8_key_order(vt8.shape[-1], vt8.device))
+    v = vt8.float()[..., token_column].transpose(2, 3) * v_scale[..., None, None]
     return q, k, v

@@ -12,7 +12,9 @@ PyTorch, the reference and the CPU path):
    (SageAttention's smoothing: a constant key vector moves every score of a
    query row by one number, so the softmax is unchanged, and the quantized
    part shrinks) and v, each head's k and v with one scale; v is written
-   transposed (V^T [B, heads, D, Lp]), as FP8 wgmma reads its B operand K-major.
+   transposed (V^T [B, heads, D, Lp]), as FP8 wgmma reads its B operand K-major,
+   its tokens in the kernel's key order within each 16 (``ops/quantize.py``,
+   ``fp8_key_order``).
 
 Scales keep each tensor inside e4m3's range (|x| <= 448); e4m3 is a float
 format, so a coarser scale costs no relative precision above 2**-6 * scale.
@@ -74,7 +76,11 @@ def _quantize_kernel(X, Src, Mean, Scale, Out, stride_xb, stride_xh, stride_xl, 
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     rows = j * BLOCK + tl.arange(0, BLOCK)
-    src = tl.load(Src + rows)
+    if KIND == 2:  # V^T's column c holds token fp8_key_order(c): read the rows in that order, store contiguously
+        r = rows % 16
+        src = tl.load(Src + rows - r + 8 * ((r // 2) % 2) + 2 * (r // 4) + r % 2)
+    else:
+        src = tl.load(Src + rows)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     ok = (src >= 0)[:, None] & d_ok[None, :]
@@ -89,7 +95,7 @@ def _quantize_kernel(X, Src, Mean, Scale, Out, stride_xb, stride_xh, stride_xl, 
         x = tl.where(ok, x - tl.load(Mean + bh * BLOCK_D + d)[None, :], 0.0)
     x8 = tl.math.div_rn(x, scale).to(tl.float8e4nv)
     base = bh.to(tl.int64) * Lp * D
-    if KIND == 2:  # V^T: this block's tokens are columns of [D, Lp]
+    if KIND == 2:  # V^T: this block's tokens are columns of [D, Lp] (read in the key order above)
         tl.store(Out + base + d[:, None].to(tl.int64) * Lp + rows[None, :], tl.trans(x8), mask=d_ok[:, None])
     else:
         tl.store(Out + base + rows[:, None].to(tl.int64) * D + d[None, :], x8, mask=d_ok[None, :])
