@@ -97,8 +97,10 @@ def _inputs(geom, heads: int = 2, D: int = 128):
     return q, k, v, kv_idx, kv_cnt, torch.zeros(1, 1, geom.padded_len)
 
 
-def _launch(variant: str):
+def _launch(variant: str, rowsum_mma: bool = False):
     """Run the op path of ``variant`` (its kernel launch is captured by the caller)."""
+    from dataclasses import replace
+
     from draftopt.kernels import Geometry
     from draftopt.kernels.geometry import permuted_source_index
     from draftopt.kernels.gluon import attention as A
@@ -107,24 +109,25 @@ def _launch(variant: str):
     exact, padded = Geometry((2, 16, 32), (8, 16), 77, "end"), Geometry((2, 45, 80), (8, 16))
     strips = Geometry((2, 1, 45 * 80), (1, 128))
     scale = 128 ** -0.5
+    tuning, fp8_tuning = (replace(t, rowsum_mma=rowsum_mma) for t in (A.DEFAULT_TUNING, A.DEFAULT_FP8_TUNING))
     if variant in ("in-place", "edge", "bias", "strips"):
         geom = {"in-place": exact, "edge": padded, "bias": padded, "strips": strips}[variant]
         q, k, v, kv_idx, kv_cnt, bias = _inputs(geom)
-        A.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, variant == "bias")
+        A.attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom, variant == "bias", tuning)
         return
     geom = padded if variant == "fp8-edge" else exact
     q, k, v, kv_idx, kv_cnt, bias = _inputs(geom)
     src = permuted_source_index(geom)
     qp, kp, vp = (t[:, :, src.clamp(min=0)].contiguous() for t in (q, k, v))
     if variant == "tile-major":
-        A.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, True)
+        A.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, True, tuning)
     else:
         ops = fp8_operands_reference(q, k, v, src, geom.block)
         A.attend_sm90_fp8(*ops, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, variant == "fp8",
-                          q.dtype, edges=A.edge_grid(geom, False))
+                          q.dtype, fp8_tuning, edges=A.edge_grid(geom, False))
 
 
-def compile_variant(variant: str) -> dict:
+def compile_variant(variant: str, rowsum_mma: bool = False) -> dict:
     """Compile one variant for sm_90: its metadata, cubin and SASS."""
     from triton.runtime import driver  # the DriverConfig
 
@@ -147,7 +150,7 @@ def compile_variant(variant: str) -> dict:
     K._attend_sm90_kernel, A._n_sm = _Capture(), (lambda index: 132)
     torch.Tensor.is_cuda = property(lambda self: True)  # the descriptors accept only CUDA tensors
     try:
-        _launch(variant)
+        _launch(variant, rowsum_mma)
     finally:
         driver._active = saved[0]
         K._attend_sm90_kernel, A._n_sm, torch.Tensor.is_cuda = saved[1:]
@@ -164,8 +167,8 @@ def _cuobjdump(args: list[str], cubin: bytes) -> str:
         return subprocess.run([tool, *args, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def row(variant: str, sass_dir: str | None) -> list:
-    c = compile_variant(variant)
+def row(variant: str, sass_dir: str | None, rowsum_mma: bool = False) -> list:
+    c = compile_variant(variant, rowsum_mma)
     kernel, cubin = c["kernel"], c["kernel"].asm["cubin"]
     usage = _cuobjdump(["-res-usage"], cubin)
     regs = re.search(r"REG:(\d+)", usage)
@@ -175,7 +178,7 @@ def row(variant: str, sass_dir: str | None) -> list:
         with open(os.path.join(sass_dir, f"sm90_{variant}.sass"), "w") as f:
             f.write(sass)
     n, mix = loop_mix(sass)
-    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG")
+    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG") + (("ROWSUM_MMA",) if rowsum_mma else ())
     keys = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c["constexprs"].items() if k in shown)
     return [variant, keys, int(regs.group(1)) if regs else None, int(local.group(1)) if local else None,
             round(kernel.metadata.shared / 1024, 1), sass.count("MUFU.EX2"), n, mix]
@@ -187,6 +190,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--sass", metavar="DIR", help="write each variant's SASS to DIR/sm90_<variant>.sass")
     ap.add_argument("--out", help="where the run's JSON and CSV go (default $OUT or '.')")
     ap.add_argument("--no-save", action="store_true", help="print only (no results rows)")
+    ap.add_argument("--rowsum-mma", action="store_true",
+                    help="compile with Sm90Tuning(rowsum_mma=True): P's row sums as a product beside P V")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -196,7 +201,7 @@ def main(argv=None) -> list[list]:
         raise SystemExit(f"error: this Triton has no Gluon ({K.IMPORT_ERROR})")
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
-    rows = [row(v, args.sass) for v in args.variants]
+    rows = [row(v, args.sass, args.rowsum_mma) for v in args.variants]
     import triton
 
     print(f"sm_90 compiles on {'a GPU-less machine' if not torch.cuda.is_available() else 'this machine'}, "

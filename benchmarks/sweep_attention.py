@@ -4,12 +4,12 @@
 
 Times each Triton (BLOCK_M, BLOCK_N, num_warps, num_stages), on tile-major
 copies and with tiles addressed in place, and on sm_90 each Gluon kernel
-variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place;
-interleaved rounds, and a "same-keys" locality bound; on a padded grid also the
-in-place kernel masking edge tiles' padding by the bias row instead of by
-position; with --fp8 also the FP8 kernel's ring sizes and ping-pong on e4m3
-copies), on one real-model shape;
-checks each output against the default's and prints a table sorted by time.
+variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place,
+P's row sums as a product (Sm90Tuning.rowsum_mma); interleaved rounds, and a
+"same-keys" locality bound; on a padded grid also the in-place kernel masking
+edge tiles' padding by the bias row instead of by position; with --fp8 also the
+FP8 kernel's ring sizes, ping-pong and row sums on e4m3 copies), on one
+real-model shape; checks each output against the default's and prints a table sorted by time.
 Why the defaults are what they are: docs/design.md.
 """
 
@@ -36,13 +36,16 @@ from draftopt.kernels.triton.attention import (AttentionTuning, block_sparse_att
 CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 128, 8, 2, True),
            (128, 64, 8, 3, False), (128, 64, 8, 3, True), (64, 128, 4, 3, True), (128, 64, 8, 2, True)]
 ROUNDS = 3
-# Gluon kernel: (K, V buffers, ping-pong, rotated sweeps, in place, key lists)
-SM90_CONFIGS = [(2, 3, True, True, False, "real"), (2, 3, False, True, False, "real"),
-                (2, 2, True, True, False, "real"), (2, 2, False, True, False, "real"),
-                (2, 3, True, True, True, "real"), (2, 3, False, True, True, "real"),
-                (2, 3, True, False, False, "real"), (2, 3, True, False, False, "same")]
-# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong)
-SM90_FP8_CONFIGS = [(2, 3, False), (2, 3, True), (2, 4, True), (3, 4, True), (4, 4, True), (4, 4, False)]
+# Gluon kernel: (K, V buffers, ping-pong, rotated sweeps, in place, key lists, row sums by a product)
+SM90_CONFIGS = [(2, 3, True, True, False, "real", False), (2, 3, False, True, False, "real", False),
+                (2, 2, True, True, False, "real", False), (2, 2, False, True, False, "real", False),
+                (2, 3, True, True, True, "real", False), (2, 3, False, True, True, "real", False),
+                (2, 3, True, False, False, "real", False), (2, 3, True, False, False, "same", False),
+                (2, 3, True, True, False, "real", True), (2, 3, True, True, True, "real", True),
+                (2, 3, False, True, True, "real", True)]
+# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong, row sums by a product)
+SM90_FP8_CONFIGS = [(2, 3, False, False), (2, 3, True, False), (2, 4, True, False), (3, 4, True, False),
+                    (4, 4, True, False), (4, 4, False, False), (2, 3, False, True), (2, 3, True, True)]
 
 
 def _print_registers(kernel):
@@ -98,10 +101,11 @@ def main():
         # Diagnostic: every query row keeps blocks 0..cnt-1 (same FLOPs, best possible L2 reuse of K and V).
         same_idx = torch.arange(kv_idx.shape[-1], device=q.device, dtype=kv_idx.dtype).expand_as(kv_idx).contiguous()
         runs = {}
-        for ks, vs, pp, rot, in_place, idx in SM90_CONFIGS:
-            label = f"gluon K{ks} V{vs}{' pp' if pp else ''}{' rot' if rot else ''}{' same-keys' if idx == 'same' else ''}"
+        for ks, vs, pp, rot, in_place, idx, rs in SM90_CONFIGS:
+            label = (f"gluon K{ks} V{vs}{' pp' if pp else ''}{' rot' if rot else ''}"
+                     f"{' same-keys' if idx == 'same' else ''}{' rowsum-mma' if rs else ''}")
             ki = same_idx if idx == "same" else kv_idx
-            tuning = Sm90Tuning(ks, vs, pp, rot)
+            tuning = Sm90Tuning(ks, vs, pp, rot, rs)
             if in_place:  # no key mask: edge tiles' padding is masked by position
                 run_sm90 = lambda ki=ki, t=tuning: attend_sm90_in_place(  # noqa: E731
                     q, k, v, ki, kv_cnt, bias, scale, g, False, t)
@@ -119,11 +123,12 @@ def main():
             runs[("gluon K2 V3 pp rot, padding by the bias", True)] = (run_sm90, f"{err:.1e}", [])
         if args.fp8:  # the error against the bf16 default is FP8's own (~5% on these random inputs)
             operands = fp8_operands(q, k, v, permuted_source_index(g, q.device), g.block)
-            for ks, vs, pp in SM90_FP8_CONFIGS:
-                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp): attend_sm90_fp8(  # noqa: E731
+            for ks, vs, pp, rs in SM90_FP8_CONFIGS:
+                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp, rowsum_mma=rs): attend_sm90_fp8(  # noqa: E731
                     *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, False, q.dtype, t, edges)
                 err = ((unpermute_tiles(run_sm90(), g).float() - want).norm() / want.norm()).item()
-                runs[(f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot", False)] = (run_sm90, f"{err:.1e}", [])
+                runs[(f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot{' rowsum-mma' if rs else ''}", False)] = (
+                    run_sm90, f"{err:.1e}", [])
         # Rounds over all configs, interleaved: one config's median drifts with the GPU's clocks and
         # L2 state over a sweep (docs/design.md, "How the numbers are taken").
         for _ in range(ROUNDS):

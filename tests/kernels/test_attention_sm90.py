@@ -60,6 +60,38 @@ def test_sm90_schedules(tuning):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pingpong", [True, False])
+@pytest.mark.parametrize("g", [Geometry((2, 16, 32), (8, 16), 77, "end"), Geometry((3, 13, 37), (8, 16), 40, "start")],
+                         ids=["exact", "padded"])
+def test_sm90_rowsum_mma_matches_float64(g, pingpong):
+    """Sm90Tuning(rowsum_mma=True): P's row sums as a product P @ ones beside P V (sums of the rounded P
+    the numerator uses) instead of additions, in place and tile-major (batch 2), against float64; a NaN in
+    q still reaches only its row."""
+    _require_sm90()
+    tuning = Sm90Tuning(pingpong=pingpong, rowsum_mma=True)
+    H, D, dtype = 2, 128, torch.bfloat16
+    for B in (1, 2):
+        q, k, v = (torch.randn(B, H, g.seq_len, D, device="cuda").to(dtype) for _ in range(3))
+        kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, 0.4, "cuda")
+        keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
+        keep[:, g.text_offset: g.text_offset + 9] = False  # a mask on text keys only
+        bias = key_bias_for(g, keep, "cuda")
+        want = masked_reference(q, k, v, g, kv_idx, kv_cnt, keep)
+        with poison_outputs():
+            if B == 1:
+                out = attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, D ** -0.5, g, False, tuning)
+            else:
+                qp, kp, vp = (permute_tiles(t, g) for t in (q, k, v))
+                edges = None if not g.has_visual_padding else (*g.grid[1:], *g.tile)
+                out = unpermute_tiles(attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, D ** -0.5, g.n_tiles,
+                                                  g.n_text_blocks, False, tuning, edges), g)
+        assert_close(out, want, dtype)
+    q[0, 1, 100, 3] = float("nan")
+    out = attend_sm90_in_place(q[:1], k[:1], v[:1], kv_idx[:1], kv_cnt[:1], bias[:1], D ** -0.5, g, False, tuning)
+    assert out[0, 1, 100].isnan().all() and not out[0, 1, :100].isnan().any()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rotate", [False, True])
 def test_sm90_rotated_sweeps(rotate):
     """Key sweeps started mid-list (ROTATE) and the heavy-first program order, over more programs than SMs

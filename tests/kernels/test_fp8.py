@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import draftopt
-from draftopt.kernels import Geometry, dispatch, draft_attention, permute_tiles, tiled_attention
+from draftopt.kernels import Geometry, dispatch, draft_attention, permute_tiles, tiled_attention, unpermute_tiles
 from draftopt.kernels.geometry import permuted_source_index
 from draftopt.kernels.gluon import _sm90_kernel
 from draftopt.kernels.ops.attention import block_sparse_attention_fp8_reference
@@ -75,7 +75,7 @@ def test_vt8_columns_in_the_kernels_key_order():
     got, vt = vt8.float() * vs[..., None, None], permute_tiles(v, g).transpose(2, 3)
     tol = E4M3_EPS * vt.abs().amax() * 2
     assert (got - vt[..., fp8_key_order(g.padded_len)]).abs().max() <= tol
-    assert (got - vt).abs().max() > 10 * tol
+    assert (got - vt).abs().mean() > 0.5 * vt.abs().mean()  # unordered: off by about |v| itself
     with pytest.raises(ValueError, match="multiple of 16"):
         fp8_key_order(24)
 
@@ -272,6 +272,32 @@ def test_sm90_fp8_matches_reference(g, B, H, D, density, visual_bias):
     exact = masked_reference(q, k, v, g, kv_idx, kv_cnt, keep)
     assert rel_err(got.cpu(), simulated) < 0.03  # measured 0.019-0.024
     assert rel_err(got.cpu(), exact) < FP8_BUDGET
+
+
+@pytest.mark.gpu
+def test_sm90_fp8_rowsum_mma_matches_reference():
+    """The FP8 kernel with Sm90Tuning(rowsum_mma=True) (row sums of the e4m3 P by a product) against the
+    simulated FP8 path and float64, on a padded grid with text (edges masked by position)."""
+    from dataclasses import replace
+
+    from draftopt.kernels.gluon.attention import DEFAULT_FP8_TUNING, attend_sm90_fp8, edge_grid
+
+    _require_sm90()
+    g, B, H, D = Geometry((3, 12, 20), (8, 16), 77, "end"), 1, 2, 128
+    q, k, v = _inputs(g, B, H, D, "cuda", torch.bfloat16)
+    kv_idx, kv_cnt = random_block_mask(B, H, g.n_tiles, 0.5, "cuda")
+    keep = torch.ones(B, g.seq_len, dtype=torch.bool, device="cuda")
+    bias = key_bias_for(g, keep, "cuda")
+    src = permuted_source_index(g, "cuda")
+    with poison_outputs():
+        out = attend_sm90_fp8(*fp8_operands_triton(q, k, v, src, g.block), kv_idx, kv_cnt,
+                              without_visual_bias(bias, g), D ** -0.5, g.n_tiles, g.n_text_blocks, False, q.dtype,
+                              replace(DEFAULT_FP8_TUNING, rowsum_mma=True), edge_grid(g, False))
+    got = unpermute_tiles(out, g).cpu()
+    simulated = tiled_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), kv_idx.cpu(), kv_cnt.cpu(), g,
+                                key_bias=bias.cpu(), visual_bias=True, precision="fp8")
+    assert rel_err(got, simulated) < 0.03
+    assert rel_err(got, masked_reference(q, k, v, g, kv_idx, kv_cnt, keep)) < FP8_BUDGET
 
 
 @pytest.mark.gpu

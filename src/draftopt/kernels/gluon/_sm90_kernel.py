@@ -146,10 +146,11 @@ if HAVE_GLUON:
     P_SCALE_LOG2 = gl.constexpr(float(FP8_P_SCALE_LOG2))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, bias_ptr, qk_scale, APPLY_BIAS: gl.constexpr, BLOCK: gl.constexpr,
+    def _softmax(s, m_i, bias_ptr, qk_scale, APPLY_BIAS: gl.constexpr, BLOCK: gl.constexpr,
                  s_layout: gl.constexpr, P_LOG2: gl.constexpr):
-        """One key block into the running softmax (log2 units): (P, m_new, alpha, l_new). P and l are
-        2**P_LOG2 times the softmax's (FP8's P scale, folded into the exponent: no multiply per score)."""
+        """One key block into the running softmax (log2 units): (P, m_new, alpha). P is 2**P_LOG2 times the
+        softmax's numerator (FP8's P scale, folded into the exponent: no multiply per score); the caller
+        adds its row sums (``_row_sums``)."""
         if APPLY_BIAS:
             offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
             bias = gl.load(bias_ptr + offs) * 1.4426950408889634
@@ -162,7 +163,7 @@ if HAVE_GLUON:
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             p = gl.exp2(s * qk_scale - (m_new - P_LOG2)[:, None])
             alpha = gl.exp2(m_i - m_new)
-        return p, m_new, alpha, l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, alpha
 
     @gluon.jit
     def _valid_extent(kb, EDGE: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr, E_NH: gl.constexpr,
@@ -191,7 +192,7 @@ if HAVE_GLUON:
         return s
 
     @gluon.jit
-    def _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS: gl.constexpr,
+    def _key_softmax(s, m_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS: gl.constexpr,
                      EDGE: gl.constexpr, EDGE_TH: gl.constexpr, BLOCK: gl.constexpr, s_layout: gl.constexpr,
                      FP8: gl.constexpr):
         """Key block j (block kb) into the running softmax. Text keys (j >= n_vis), and every key with
@@ -199,12 +200,12 @@ if HAVE_GLUON:
         (``_valid_extent``: no bias load); other visual keys add nothing."""
         P_LOG2: gl.constexpr = P_SCALE_LOG2 if FP8 else 0.0
         if (j >= n_vis) | VISUAL_BIAS:
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout, P_LOG2)
+            p, m_i, alpha = _softmax(s, m_i, bias_bh + kb * BLOCK, qk_scale, True, BLOCK, s_layout, P_LOG2)
         else:
             if EDGE:
                 s = _padding_masked(s, vr, vc, EDGE_TH, BLOCK, s_layout)
-            p, m_i, alpha, l_i = _softmax(s, m_i, l_i, bias_bh, qk_scale, False, BLOCK, s_layout, P_LOG2)
-        return p, m_i, alpha, l_i
+            p, m_i, alpha = _softmax(s, m_i, bias_bh, qk_scale, False, BLOCK, s_layout, P_LOG2)
+        return p, m_i, alpha
 
     @gluon.jit
     def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, FP8: gl.constexpr):
@@ -275,13 +276,13 @@ if HAVE_GLUON:
                             nhw, 0, BLOCK, TILE_H, IN_PLACE)
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem,
+    def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem,
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
                   nw, nhw, VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr,
                   EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
-                  E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr):
+                  E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr, ROWSUM_MMA: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -295,11 +296,20 @@ if HAVE_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=K_INSTR // 8)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        # ROWSUM_MMA: P's row sums as a product P @ ones [BLOCK, 8] issued beside P V (8 equal columns: the
+        # narrowest wgmma), instead of 64 FADDs a thread after each softmax; rescaled with O.
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, 8, K_INSTR])
+        pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=K_INSTR // 8)
+        row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
+        PENDING_AFTER_S: gl.constexpr = 2 if ROWSUM_MMA else 1  # wgmma groups issued after S_j
         q_mine = q_smem.index(c)
+        ones = ones_smem.permute((1, 0))
 
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+        acc_l = gl.zeros([ROWS, 8], gl.float32, l_layout)
         s_zero = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
 
         mbarrier.wait(q_bar, 0)
@@ -308,8 +318,10 @@ if HAVE_GLUON:
         mbarrier.arrive(k_empty.index(0))
         kb = _bias_block(idx_row, 0, j0, cnt, n_vis, is_text, n_tiles, VISUAL_BIAS | EDGE)
         vr, vc = _valid_extent(kb, EDGE, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, EDGE_TH, BLOCK)
-        p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, 0, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS, EDGE,
-                                          EDGE_TH, BLOCK, s_layout, FP8)
+        p, m_i, alpha = _key_softmax(s, m_i, 0, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS, EDGE,
+                                     EDGE_TH, BLOCK, s_layout, FP8)
+        if not ROWSUM_MMA:
+            l_i = l_i * alpha + gl.sum(p, axis=1)
         p_op = _p_operand(p, dtype, p_layout, FP8)
 
         for j in range(1, n_total):
@@ -322,27 +334,42 @@ if HAVE_GLUON:
                 mbarrier.wait(turn.index(c), (j + c) & 1, pred=j + c > 1)
             s_tok = warpgroup_mma(q_mine, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
-            acc_tok = warpgroup_mma(_a_operand(p_op, FP8), _v_operand(v_smem, vs, FP8), acc, is_async=True)
+            a_op = _a_operand(p_op, FP8)
+            acc_tok = warpgroup_mma(a_op, _v_operand(v_smem, vs, FP8), acc, is_async=True)
+            if ROWSUM_MMA:
+                l_tok = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, acc_l, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - c))
             # While both products run: the padding extent of key tile kb (its index load has landed).
             vr, vc = _valid_extent(kb, EDGE, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, EDGE_TH, BLOCK)
-            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            s = warpgroup_mma_wait(PENDING_AFTER_S, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks))
             # Softmax of S_j while the tensor cores run P_{j-1} V_{j-1}.
-            p, m_i, alpha, l_i = _key_softmax(s, m_i, l_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS,
-                                              EDGE, EDGE_TH, BLOCK, s_layout, FP8)
-            if FP8:
-                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+            p, m_i, alpha = _key_softmax(s, m_i, j, kb, vr, vc, n_vis, bias_bh, qk_scale, VISUAL_BIAS,
+                                         EDGE, EDGE_TH, BLOCK, s_layout, FP8)
+            if ROWSUM_MMA:
+                if FP8:
+                    acc, acc_l = warpgroup_mma_wait(0, deps=(acc_tok, l_tok))
+                else:
+                    acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
+                acc_l = acc_l * gl.convert_layout(alpha, row_l)[:, None]
             else:
-                acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                if FP8:
+                    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+                else:
+                    acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
             mbarrier.arrive(v_empty.index(vs))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = _p_operand(p, dtype, p_layout, FP8)
 
         vs = (n_total - 1) % V_STAGES
         mbarrier.wait(v_ready.index(vs), ((n_total - 1) // V_STAGES) & 1)
-        acc = warpgroup_mma(_a_operand(p_op, FP8), _v_operand(v_smem, vs, FP8), acc)
+        a_op = _a_operand(p_op, FP8)
+        acc = warpgroup_mma(a_op, _v_operand(v_smem, vs, FP8), acc)
+        if ROWSUM_MMA:
+            acc_l = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, acc_l)
+            l_i = gl.convert_layout(gl.max(acc_l, axis=1), row_s)  # its 8 columns are equal
         mbarrier.arrive(v_empty.index(vs))
 
         l_o = gl.convert_layout(l_i, row_o)
@@ -366,7 +393,7 @@ if HAVE_GLUON:
         VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
         TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, ROTATE: gl.constexpr,
         FP8: gl.constexpr, EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
-        E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr,
+        E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr, ROWSUM_MMA: gl.constexpr,
     ):
         # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
         # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
@@ -417,6 +444,10 @@ if HAVE_GLUON:
             o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, ROWS, HEAD_D], o_desc.layout)
         else:
             o_smem = q_smem
+        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK], k_desc.layout)  # B of the row sums (ROWSUM_MMA)
+        if ROWSUM_MMA:
+            fill: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+            ones_smem.store(gl.full([8, BLOCK], 1.0, gl.float32, fill).to(dtype))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -435,14 +466,14 @@ if HAVE_GLUON:
         fence_async_shared()
 
         gl.warp_specialize([
-            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+            (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
-                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),
-            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, ROWSUM_MMA)),
+            (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
-                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS)),
+                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, ROWSUM_MMA)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw, bh,

@@ -25,12 +25,14 @@ DTYPES = (torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class Sm90Tuning:
     """The Gluon kernel's schedule: K and V ring buffers (q 32 KB + 5 x 32 KB at D 128, one program
-    per SM), consumers taking turns (ping-pong), key sweeps staggered by launch order (rotate)."""
+    per SM), consumers taking turns (ping-pong), key sweeps staggered by launch order (rotate), P's row
+    sums as a narrow product beside P V instead of additions after each softmax (rowsum_mma)."""
 
     k_stages: int = 2
     v_stages: int = 3
     pingpong: bool = True
     rotate: bool = True
+    rowsum_mma: bool = False
 
 
 DEFAULT_TUNING = Sm90Tuning()
@@ -93,7 +95,7 @@ def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_t
         VISUAL_BIAS=bool(visual_bias), K_STAGES=tuning.k_stages, V_STAGES=tuning.v_stages, TILE_H=tile_h,
         IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, FP8=fp8_scales is not None,
         EDGE=edges is not None, EDGE_TH=edge_th, E_NW=e_nw, E_NHW=e_nhw, E_NH=e_nh, E_ROWS=e_rows, E_COLS=e_cols,
-        num_warps=4,
+        ROWSUM_MMA=tuning.rowsum_mma, num_warps=4,
     )
 
 
