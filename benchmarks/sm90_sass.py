@@ -1,16 +1,19 @@
 """The Gluon kernel compiled for sm_90 on any machine, no GPU: registers, spills and the key loop's instructions.
 
     python benchmarks/sm90_sass.py [--variants in-place edge strips tile-major fp8] [--sass DIR]
+                                   [--tuning rowsum_mma=1 pingpong=0]
 
 Triton compiles a launch for the target its driver names; this script hands it
 a stand-in driver that names sm_90 (H100 / H200), so every stage down to the
 cubin runs here, with the ptxas Triton ships. Nothing is launched: tensors are
 small CPU tensors whose only use is the descriptors' shapes. Per variant it
 prints the registers and local-memory spills (cuobjdump -res-usage), the
-shared memory, the MUFU.EX2 count, and the instruction mix of the consumer's
-key loop (the shortest loop holding both products and a softmax: one key
-block a warp, both branches of a runtime ``if`` counted). With ``--sass DIR`` it writes each
-variant's SASS there. A kernel change can be compiled and read before device
+shared memory, the MUFU.EX2 count, whether ptxas serializes the wgmma
+products (its advisory C7514, which Triton does not show), and the
+instruction mix of the consumer's key loop (the shortest loop holding both
+products and a softmax: one key block a warp, both branches of a runtime
+``if`` counted). With ``--sass DIR`` it writes each variant's SASS there;
+``--tuning`` overrides Sm90Tuning fields for every variant. A kernel change can be compiled and read before device
 time is spent on it (docs/design.md, "Edge tiles masked by position", found
 its integer-division chain this way). Must run without TRITON_INTERPRET.
 
@@ -41,8 +44,8 @@ else:
     import _results
 
 VARIANTS = ("in-place", "edge", "bias", "strips", "tile-major", "fp8", "fp8-edge")
-HEADERS = ["variant", "constexprs", "registers", "spill bytes", "shared KB", "MUFU.EX2", "loop instructions",
-           "loop mix"]
+HEADERS = ["variant", "constexprs", "registers", "spill bytes", "shared KB", "MUFU.EX2", "wgmma serialized",
+           "loop instructions", "loop mix"]
 
 
 class _Sm90Driver:
@@ -97,7 +100,7 @@ def _inputs(geom, heads: int = 2, D: int = 128):
     return q, k, v, kv_idx, kv_cnt, torch.zeros(1, 1, geom.padded_len)
 
 
-def _launch(variant: str, rowsum_mma: bool = False):
+def _launch(variant: str, tuning_overrides: dict | None = None):
     """Run the op path of ``variant`` (its kernel launch is captured by the caller)."""
     from dataclasses import replace
 
@@ -109,7 +112,7 @@ def _launch(variant: str, rowsum_mma: bool = False):
     exact, padded = Geometry((2, 16, 32), (8, 16), 77, "end"), Geometry((2, 45, 80), (8, 16))
     strips = Geometry((2, 1, 45 * 80), (1, 128))
     scale = 128 ** -0.5
-    tuning, fp8_tuning = (replace(t, rowsum_mma=rowsum_mma) for t in (A.DEFAULT_TUNING, A.DEFAULT_FP8_TUNING))
+    tuning, fp8_tuning = (replace(t, **(tuning_overrides or {})) for t in (A.DEFAULT_TUNING, A.DEFAULT_FP8_TUNING))
     if variant in ("in-place", "edge", "bias", "strips"):
         geom = {"in-place": exact, "edge": padded, "bias": padded, "strips": strips}[variant]
         q, k, v, kv_idx, kv_cnt, bias = _inputs(geom)
@@ -127,7 +130,7 @@ def _launch(variant: str, rowsum_mma: bool = False):
                           q.dtype, fp8_tuning, edges=A.edge_grid(geom, False))
 
 
-def compile_variant(variant: str, rowsum_mma: bool = False) -> dict:
+def compile_variant(variant: str, tuning_overrides: dict | None = None) -> dict:
     """Compile one variant for sm_90: its metadata, cubin and SASS."""
     from triton.runtime import driver  # the DriverConfig
 
@@ -150,7 +153,7 @@ def compile_variant(variant: str, rowsum_mma: bool = False) -> dict:
     K._attend_sm90_kernel, A._n_sm = _Capture(), (lambda index: 132)
     torch.Tensor.is_cuda = property(lambda self: True)  # the descriptors accept only CUDA tensors
     try:
-        _launch(variant, rowsum_mma)
+        _launch(variant, tuning_overrides)
     finally:
         driver._active = saved[0]
         K._attend_sm90_kernel, A._n_sm, torch.Tensor.is_cuda = saved[1:]
@@ -167,8 +170,23 @@ def _cuobjdump(args: list[str], cubin: bytes) -> str:
         return subprocess.run([tool, *args, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def row(variant: str, sass_dir: str | None, rowsum_mma: bool = False) -> list:
-    c = compile_variant(variant, rowsum_mma)
+def wgmma_serialized(ptx: str) -> bool:
+    """Whether ptxas serializes the kernel's wgmma (its advisory C7514: an instruction touches the registers
+    of a product in flight, e.g. a copy of a loop-carried accumulator). Triton drops ptxas' advisories,
+    so the PTX is compiled again here with ``-v``; a serialized kernel runs every product synchronously."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(90).path  # the one Triton compiled the kernel with (3.9 picks a newer build for sm_90)
+    with tempfile.TemporaryDirectory() as d:
+        src, out = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([tool, "-arch=sm_90a", "-v", src, "-o", out], capture_output=True, text=True, check=True)
+    return "C7514" in done.stdout + done.stderr
+
+
+def row(variant: str, sass_dir: str | None, tuning_overrides: dict | None = None) -> list:
+    c = compile_variant(variant, tuning_overrides)
     kernel, cubin = c["kernel"], c["kernel"].asm["cubin"]
     usage = _cuobjdump(["-res-usage"], cubin)
     regs = re.search(r"REG:(\d+)", usage)
@@ -178,10 +196,27 @@ def row(variant: str, sass_dir: str | None, rowsum_mma: bool = False) -> list:
         with open(os.path.join(sass_dir, f"sm90_{variant}.sass"), "w") as f:
             f.write(sass)
     n, mix = loop_mix(sass)
-    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG") + (("ROWSUM_MMA",) if rowsum_mma else ())
+    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG", "ROWSUM_MMA")
     keys = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c["constexprs"].items() if k in shown)
     return [variant, keys, int(regs.group(1)) if regs else None, int(local.group(1)) if local else None,
-            round(kernel.metadata.shared / 1024, 1), sass.count("MUFU.EX2"), n, mix]
+            round(kernel.metadata.shared / 1024, 1), sass.count("MUFU.EX2"),
+            "yes" if wgmma_serialized(kernel.asm["ptx"]) else "no", n, mix]
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``["rowsum_mma=1", "k_stages=3"]`` -> Sm90Tuning keyword arguments (ints; booleans as 0 / 1)."""
+    from dataclasses import fields
+
+    from draftopt.kernels.gluon.attention import Sm90Tuning
+
+    types = {f.name: f.type for f in fields(Sm90Tuning)}
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in types or not value.isdigit():
+            raise SystemExit(f"error: --tuning takes FIELD=INT with FIELD one of {sorted(types)}, got {pair!r}")
+        out[name] = bool(int(value)) if types[name] in (bool, "bool") else int(value)
+    return out
 
 
 def main(argv=None) -> list[list]:
@@ -190,8 +225,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--sass", metavar="DIR", help="write each variant's SASS to DIR/sm90_<variant>.sass")
     ap.add_argument("--out", help="where the run's JSON and CSV go (default $OUT or '.')")
     ap.add_argument("--no-save", action="store_true", help="print only (no results rows)")
-    ap.add_argument("--rowsum-mma", action="store_true",
-                    help="compile with Sm90Tuning(rowsum_mma=True): P's row sums as a product beside P V")
+    ap.add_argument("--tuning", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="Sm90Tuning fields to override for every variant, e.g. rowsum_mma=1 pingpong=0")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -201,7 +236,7 @@ def main(argv=None) -> list[list]:
         raise SystemExit(f"error: this Triton has no Gluon ({K.IMPORT_ERROR})")
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
-    rows = [row(v, args.sass, args.rowsum_mma) for v in args.variants]
+    rows = [row(v, args.sass, _overrides(args.tuning)) for v in args.variants]
     import triton
 
     print(f"sm_90 compiles on {'a GPU-less machine' if not torch.cuda.is_available() else 'this machine'}, "
