@@ -149,8 +149,8 @@ if HAVE_GLUON:
     def _softmax(s, m_i, bias_ptr, qk_scale, APPLY_BIAS: gl.constexpr, BLOCK: gl.constexpr,
                  s_layout: gl.constexpr, P_LOG2: gl.constexpr):
         """One key block into the running softmax (log2 units): (P, m_new, alpha). P is 2**P_LOG2 times the
-        softmax's numerator (FP8's P scale, folded into the exponent: no multiply per score); the caller
-        adds its row sums (``_row_sums``)."""
+        softmax's numerator (FP8's P scale, folded into the exponent: no multiply per score); the consumer
+        adds its row sums (or, with ROWSUM_MMA, a product does)."""
         if APPLY_BIAS:
             offs = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
             bias = gl.load(bias_ptr + offs) * 1.4426950408889634
