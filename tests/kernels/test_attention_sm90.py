@@ -7,7 +7,8 @@ import torch
 from draftopt.kernels import Geometry, dispatch, permute_tiles, unpermute_tiles
 from draftopt.kernels.gluon import _sm90_kernel
 from draftopt.kernels.gluon.attention import (Sm90Tuning, _n_sm, _tma_ready, attend_sm90, attend_sm90_in_place,
-                                             reads_in_place)
+                                             edge_grid, reads_in_place)
+from draftopt.kernels.ops.attention_sm90 import _edges
 
 from ..helpers import key_bias_for, masked_reference, poison_outputs, random_block_mask, without_visual_bias
 from .tolerances import assert_close
@@ -201,6 +202,33 @@ def test_sm90_in_place_matches_float64(g, H, D, visual_bias, layout):
 ])
 def test_reads_in_place(tile, batch, in_place):
     assert reads_in_place(Geometry((2, 16, 128), tile), batch) is in_place
+
+
+@pytest.mark.parametrize("g, visual_bias, want", [
+    (Geometry((2, 13, 37), (4, 32), 77, "end"), False, (13, 37, 4, 32)),  # padded, no key mask: by position
+    (Geometry((2, 13, 37), (4, 32), 77, "end"), True, None),             # a key mask: the bias carries it
+    (Geometry((2, 16, 32), (8, 16), 77, "end"), False, None),            # tiles cover the grid: nothing to mask
+])
+def test_edge_grid(g, visual_bias, want):
+    assert edge_grid(g, visual_bias) == want
+
+
+def test_tile_major_ops_take_edges_and_refuse_a_bad_one():
+    """The tile-major ops' fake impls (what torch.compile traces) take ``edges``; a malformed one is refused."""
+    g = Geometry((2, 13, 37), (4, 32), 77, "end")
+    q = torch.empty(1, 2, g.padded_len, 128, device="meta", dtype=torch.bfloat16)
+    kv_idx = torch.empty(1, 2, g.n_tiles, g.n_tiles, device="meta", dtype=torch.int32)
+    kv_cnt = torch.empty(1, 2, g.n_tiles, device="meta", dtype=torch.int32)
+    bias = torch.empty(1, 1, g.padded_len, device="meta")
+    args = (q, q, q, kv_idx, kv_cnt, bias, 0.1, g.n_tiles, g.n_text_blocks, False)
+    assert torch.ops.draftopt.attend_sm90(*args, [13, 37, 4, 32]).shape == q.shape
+    q8 = q.to(torch.float8_e4m3fn)
+    scales = (torch.empty(1, 2, g.n_blocks, device="meta"), torch.empty(1, 2, device="meta"),
+              torch.empty(1, 2, device="meta"))
+    out = torch.ops.draftopt.attend_sm90_fp8(q8, q8, q8.transpose(2, 3), *scales, *args[3:], torch.bfloat16, [])
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"edges must be \[\] or \[H, W, tile_h, tile_w\], got \[13, 37\]"):
+        _edges([13, 37])
 
 
 def test_text_on_both_sides_is_not_read_in_place():
