@@ -1,6 +1,7 @@
 """Tile shapes for grids no 128-token tile covers: attention error and padding of each, on video-like inputs.
 
     python benchmarks/tile_shapes.py [--images astronaut coffee] [--sparsities 0.5 0.8 0.9] [--quick]
+                                     [--grids 2x45x80 2x30x52]
 
 Wan2.1-14B 720p is 45 x 80 tokens a frame: 8 x 16 tiles pad 3 of every 48 rows (6.7%). This compares, at
 equal sparsity (policy "mass"), each tiling's error against float64 dense attention on the fidelity
@@ -48,13 +49,23 @@ def tilings(T: int, H: int, W: int):
             (f"auto (= {auto})", (T, H, W), "auto")]
 
 
+def _grid(text: str) -> tuple[int, int, int]:
+    parts = text.split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a grid is TxHxW with positive integers, e.g. 2x45x80; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def main(argv=None) -> list[list]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", nargs="+", default=["astronaut", "coffee"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     ap.add_argument("--quick", action="store_true", help="one image, grid 2 x 9 x 17, sparsity 0.5 (tests)")
+    ap.add_argument("--grids", nargs="+", type=_grid, metavar="TxHxW",
+                    help=f"grids to compare (default {' '.join('x'.join(map(str, g)) for g in GRIDS)}); "
+                         "2x45x80 is two frames of Wan2.1-14B 720p")
     args = ap.parse_args(argv)
-    grids = [(2, 9, 17)] if args.quick else GRIDS
+    grids = [(2, 9, 17)] if args.quick else args.grids or GRIDS
     images, sparsities = (args.images[:1], [0.5]) if args.quick else (args.images, args.sparsities)
     errors = defaultdict(list)
     with torch.no_grad():

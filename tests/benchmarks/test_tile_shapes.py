@@ -1,5 +1,7 @@
 """benchmarks/tile_shapes.py on its --quick config, in process, on the CPU."""
 
+import argparse
+
 import pytest
 
 pytest.importorskip("skimage")
@@ -19,3 +21,10 @@ def test_every_tiling_has_a_row_with_its_padding(tmp_path, monkeypatch):
     assert rows["strips per frame"]["padding %"] == round(100 * (512 / 306 - 1), 2)
     assert rows["auto (= strips)"]["mean error"] == rows["strips per frame"]["mean error"]
     assert all(0 < r["mean error"] < 1 for r in rows.values())
+
+
+def test_grids_are_parsed_and_bad_ones_named():
+    assert tile_shapes._grid("2x45x80") == (2, 45, 80)
+    for bad in ("2x45", "2x0x80", "axbxc"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{bad}'"):
+            tile_shapes._grid(bad)

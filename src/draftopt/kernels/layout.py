@@ -14,8 +14,9 @@ full: its padding rows cost what real rows cost. 720p Wan2.1 frames are
   strips) the one with the fewest padding rows; ties go to the earlier one, so
   a grid that 8 x 16 tiles cover keeps them.
 
-Strips select as well as 8 x 16 tiles at sparsity 0.8-0.9 on video-like
-inputs (error ratio 0.96-1.04) and worse at 0.5 (1.27-1.30):
+On video-like inputs strips select as well as 8 x 16 tiles at sparsity 0.8-0.9
+(error ratio 0.73-1.04 over five grids; 0.75 at Wan2.1-14B 720p's 45 x 80
+frame) and worse at 0.5 on three of them (1.21-1.30; 0.93 at 45 x 80):
 ``benchmarks/tile_shapes.py``, docs/design.md ("Tile layouts").
 
 Example:
