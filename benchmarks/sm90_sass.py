@@ -13,9 +13,10 @@ products (its advisory C7514, which Triton does not show), and the
 instruction mix of the consumer's key loop (the shortest loop holding both
 products and a softmax: one key block a warp, both branches of a runtime
 ``if`` counted). With ``--sass DIR`` it writes each variant's SASS there;
-``--tuning`` overrides Sm90Tuning fields for every variant. A kernel change can be compiled and read before device
-time is spent on it (docs/design.md, "Edge tiles masked by position", found
-its integer-division chain this way). Must run without TRITON_INTERPRET.
+``--tuning`` overrides Sm90Tuning fields for every variant. A kernel change
+can be compiled and read before device time is spent on it (docs/design.md,
+"Edge tiles masked by position", found its integer-division chain this way).
+Must run without TRITON_INTERPRET.
 
 Variants (the op paths that launch the kernel): ``in-place`` (HunyuanVideo-like
 exact grid, text after it), ``edge`` (a padded grid without a key mask: edge
