@@ -1,6 +1,7 @@
 """Launch-config sweep of the block-sparse attention kernel (the attend stage alone).
 
     python benchmarks/sweep_attention.py [--shape hunyuan720p] [--sparsity 0.9] [--gluon-only] [--fp8]
+                                         [--only LABEL ...]
 
 Times each Triton (BLOCK_M, BLOCK_N, num_warps, num_stages), on tile-major
 copies and with tiles addressed in place, and on sm_90 each Gluon kernel
@@ -8,7 +9,7 @@ variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place,
 P's row sums as a product (Sm90Tuning.rowsum_mma); interleaved rounds, and a
 "same-keys" locality bound; on a padded grid also the in-place kernel masking
 edge tiles' padding by the bias row instead of by position; with --fp8 also the
-FP8 kernel's ring sizes, ping-pong and row sums on e4m3 copies), on one
+FP8 kernel's ring sizes and ping-pong on e4m3 copies), on one
 real-model shape; checks each output against the default's and prints a table sorted by time.
 Why the defaults are what they are: docs/design.md.
 """
@@ -43,9 +44,8 @@ SM90_CONFIGS = [(2, 3, True, True, False, "real", False), (2, 3, False, True, Fa
                 (2, 3, True, False, False, "real", False), (2, 3, True, False, False, "same", False),
                 (2, 3, True, True, False, "real", True), (2, 3, True, True, True, "real", True),
                 (2, 3, False, True, True, "real", True)]
-# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong, row sums by a product)
-SM90_FP8_CONFIGS = [(2, 3, False, False), (2, 3, True, False), (2, 4, True, False), (3, 4, True, False),
-                    (4, 4, True, False), (4, 4, False, False), (2, 3, False, True), (2, 3, True, True)]
+# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong)
+SM90_FP8_CONFIGS = [(2, 3, False), (2, 3, True), (2, 4, True), (3, 4, True), (4, 4, True), (4, 4, False)]
 
 
 def _print_registers(kernel):
@@ -59,12 +59,19 @@ def _print_registers(kernel):
         print(f"(registers unavailable: {type(e).__name__})")
 
 
+def _label(name, in_place):
+    return name + (" in place" if in_place else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="hunyuan720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--gluon-only", action="store_true", help="time only the Gluon kernel's configs")
     ap.add_argument("--fp8", action="store_true", help="also the Gluon kernel's FP8 mode (SM90_FP8_CONFIGS)")
+    ap.add_argument("--only", nargs="+", metavar="LABEL", default=None,
+                    help="time only the Gluon configs whose label (as printed, ' in place' appended for the "
+                         "in-place kernel) is one of these, e.g. 'gluon K2 V3 pp rot in place'")
     args = ap.parse_args()
     heads, g = shape(args.shape)
     q, k, v = (torch.randn(1, heads, g.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -104,6 +111,8 @@ def main():
         for ks, vs, pp, rot, in_place, idx, rs in SM90_CONFIGS:
             label = (f"gluon K{ks} V{vs}{' pp' if pp else ''}{' rot' if rot else ''}"
                      f"{' same-keys' if idx == 'same' else ''}{' rowsum-mma' if rs else ''}")
+            if args.only is not None and _label(label, in_place) not in args.only:
+                continue  # a short sweep: only the named configs
             ki = same_idx if idx == "same" else kv_idx
             tuning = Sm90Tuning(ks, vs, pp, rot, rs)
             if in_place:  # no key mask: edge tiles' padding is masked by position
@@ -116,19 +125,21 @@ def main():
                 finish = lambda o: unpermute_tiles(o, g)  # noqa: E731
             err = ((finish(run_sm90()).float() - want).norm() / want.norm()).item()
             runs[(label, in_place)] = (run_sm90, "n/a (other keys)" if idx == "same" else f"{err:.1e}", [])
-        if g.has_visual_padding:  # the padding masked by the bias row instead (as with a key mask)
+        if g.has_visual_padding and args.only is None:  # padding masked by the bias row (as with a key mask)
             run_sm90 = lambda: attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, g, True,  # noqa: E731
                                                     Sm90Tuning())
             err = ((run_sm90().float() - want).norm() / want.norm()).item()
             runs[("gluon K2 V3 pp rot, padding by the bias", True)] = (run_sm90, f"{err:.1e}", [])
         if args.fp8:  # the error against the bf16 default is FP8's own (~5% on these random inputs)
             operands = fp8_operands(q, k, v, permuted_source_index(g, q.device), g.block)
-            for ks, vs, pp, rs in SM90_FP8_CONFIGS:
-                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp, rowsum_mma=rs): attend_sm90_fp8(  # noqa: E731
+            for ks, vs, pp in SM90_FP8_CONFIGS:
+                key = (f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot", False)
+                if args.only is not None and _label(*key) not in args.only:
+                    continue
+                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp): attend_sm90_fp8(  # noqa: E731
                     *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, False, q.dtype, t, edges)
                 err = ((unpermute_tiles(run_sm90(), g).float() - want).norm() / want.norm()).item()
-                runs[(f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot{' rowsum-mma' if rs else ''}", False)] = (
-                    run_sm90, f"{err:.1e}", [])
+                runs[key] = (run_sm90, f"{err:.1e}", [])
         # Rounds over all configs, interleaved: one config's median drifts with the GPU's clocks and
         # L2 state over a sweep (docs/design.md, "How the numbers are taken").
         for _ in range(ROUNDS):

@@ -26,7 +26,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 class Sm90Tuning:
     """The Gluon kernel's schedule: K and V ring buffers (q 32 KB + 5 x 32 KB at D 128, one program
     per SM), consumers taking turns (ping-pong), key sweeps staggered by launch order (rotate), P's row
-    sums as a narrow product beside P V instead of additions after each softmax (rowsum_mma)."""
+    sums as a narrow product beside P V instead of additions after each softmax (rowsum_mma: 16-bit
+    operands only; no faster than the additions on the H200, docs/design.md)."""
 
     k_stages: int = 2
     v_stages: int = 3
@@ -123,6 +124,10 @@ def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias
     vt8 = V^T [B, heads, D, Lp] (tokens in ``ops/quantize.fp8_key_order`` within each 16); float32 scales
     q_scale [B, heads, Lp / 128], k_scale and v_scale [B, heads].
     Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit). ``edges``: as attend_sm90's."""
+    if tuning.rowsum_mma:  # measured wrong on the H200: the sums came out ~4x (docs/design.md)
+        raise ValueError(f"attend_sm90_fp8: {tuning} has rowsum_mma=True, which the FP8 kernel does not "
+                         "support (its row sums by an 8-bit product were wrong on the H200); pass "
+                         "rowsum_mma=False")
     B, heads, Lp, D = q8.shape
     out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
     f8, o16 = _gl_dtype(torch.float8_e4m3fn), _gl_dtype(out_dtype)
