@@ -97,7 +97,7 @@ def _layout_rows(tile, q, k, v, geom, s, policy, best, ref, row):
     """Where ``tile`` ("auto", "strips") means another tiling than the shape's 8x16 (e.g. "auto" at Wan2.1's
     45 x 80 frames: raster strips): its total and its stages 3-5, the FLOPs counted on its own blocks (``row``
     records them)."""
-    layout = tile_layout(geom.grid, tile)
+    layout = tile_layout(geom.grid, tile, s)  # "auto" at 0.5: 8 x 16 again (no extra rows)
     if layout.tile == geom.tile:
         return
     g = layout.geometry(geom.text_len, geom.text_position)

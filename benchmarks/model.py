@@ -1,7 +1,7 @@
 """Model level: a Wan2.1-14B-shaped transformer, dense Inductor vs draftopt, with bf16 or FP8 linears.
 
     python benchmarks/model.py [--layers 4] [--sparsity 0.9] [--rows dense draftopt] [--fp8-attention]
-                               [--tile auto]
+                               [--tile auto|strips|8x16]
     python benchmarks/model.py --cpu-smoke          # tiny model on the CPU: checks the script runs
 
 diffusers WanTransformer3DModel with Wan2.1-14B dimensions (40 heads x 128,
@@ -22,7 +22,8 @@ inputs for every row; each row compiles it afresh (Inductor, dynamic=False):
                                  draftopt.optimize; skipped, with a note, where it has no such option
 
 ``--rows`` picks rows (default the first four, in that order). ``--tile`` is draftopt's
-``tile`` option ("auto": raster strips at these 45 x 80 frames; default 8 x 16 tiles). Quantized rows
+``tile`` option (default the package's "auto": raster strips at these 45 x 80 frames at 0.9;
+"8x16" for tiles). Quantized rows
 quantize a deep copy (quantize_ works in place), so the bf16 rows keep the bf16
 weights; each row's graphs and copy are freed before the next. Prints each row as
 it is timed and a table last: ms per forward (wall clock, mean of --iters after 2
@@ -136,7 +137,8 @@ def main(argv=None):
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS, metavar="ROW",
                     help=f"of {', '.join(ROWS)} (default: %(default)s)")
     ap.add_argument("--fp8-attention", action="store_true", help="add draftopt+fp8+fp8-attention")
-    ap.add_argument("--tile", choices=["auto", "strips"], help="draftopt's tile option (default: 8 x 16 tiles)")
+    ap.add_argument("--tile", choices=["auto", "strips", "8x16"],
+                    help="draftopt's tile option (default: the package's, 'auto')")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
     cpu = args.cpu_smoke
@@ -144,7 +146,7 @@ def main(argv=None):
     base, inputs = build(args.layers, cpu)
     opts = dict(tile=(4, 4), min_tokens=0, compiler="aot_eager") if cpu else {}
     if args.tile:
-        opts["tile"] = args.tile
+        opts["tile"] = (8, 16) if args.tile == "8x16" else args.tile
     rows, rep, t_first = [], None, None
     with torch.no_grad():
         for name in names:

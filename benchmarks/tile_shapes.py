@@ -41,9 +41,10 @@ GRIDS = [(3, 21, 37), (4, 24, 32), (3, 15, 26)]
 HEADERS = ["grid", "sparsity", "tiling", "padding %", "mean error", "error / 8x16's"]
 
 
-def tilings(T: int, H: int, W: int):
-    """(name, grid, tile) of each tiling of a T x H x W grid: the draft_attention call's arguments."""
-    auto = tile_layout((T, H, W), "auto").name
+def tilings(T: int, H: int, W: int, sparsity: float):
+    """(name, grid, tile) of each tiling of a T x H x W grid: the draft_attention call's arguments ("auto"
+    depends on the sparsity)."""
+    auto = tile_layout((T, H, W), "auto", sparsity).name
     return [("tiles 8x16", (T, H, W), (8, 16)), ("tiles 16x8", (T, H, W), (16, 8)),
             ("strips per frame", (T, H, W), "strips"), ("strips global", (1, 1, T * H * W), (1, 128)),
             (f"auto (= {auto})", (T, H, W), "auto")]
@@ -74,14 +75,14 @@ def main(argv=None) -> list[list]:
             q, k, v = case.q, case.k, case.v
             dense = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5, -1) @ v.double()
             for s in sparsities:
-                for name, grid, tile in tilings(*case.geom.grid):
+                for name, grid, tile in tilings(*case.geom.grid, s):
                     out = draft_attention(q, k, v, grid, tile=tile, sparsity=s)
                     err = ((out.double() - dense).norm() / dense.norm()).item()
                     errors[case.meta["grid"], s, name].append(err)
     rows = []
     for (grid, s, name), errs in sorted(errors.items()):
-        gr, t = [(gr, t) for n, gr, t in tilings(*map(int, grid.split("x"))) if n == name][0]
-        g = tile_layout(gr, t).geometry()
+        gr, t = [(gr, t) for n, gr, t in tilings(*map(int, grid.split("x")), s) if n == name][0]
+        g = tile_layout(gr, t, s).geometry()
         base = errors[grid, s, "tiles 8x16"]
         rows.append([grid, s, name, round(100 * (g.padded_len / g.seq_len - 1), 2), round(sum(errs) / len(errs), 4),
                      round(sum(errs) / sum(base), 3)])

@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     rep.add_argument("--latent-shape", type=int, nargs=3, metavar=("T", "H", "W"))
     rep.add_argument("--sparsity", type=float, default=0.9)
     rep.add_argument("--policy", choices=list(POLICIES))
-    rep.add_argument("--tile", nargs="+", default=["8", "16"], metavar="TILE",
-                     help="TH TW (default 8 16), 'strips' or 'auto' (DraftConfig.tile)")
+    rep.add_argument("--tile", nargs="+", default=["auto"], metavar="TILE",
+                     help="'auto' (the default), 'strips' or TH TW (DraftConfig.tile)")
     rep.add_argument("--min-tokens", type=int, help="skip sites with fewer visual tokens (default: DraftConfig's)")
     rep.add_argument("--format", choices=["text", "md", "json", "html"], default="text")
     rep.add_argument("--diff", action="store_true", help="append the graph code diff")

@@ -16,13 +16,13 @@ LATENT = (8, 32, 64)  # -> 8 x 16 x 32 = 4096 video tokens after 1x2x2 patches
 GRID = (8, 16, 32)
 
 
-def build(kind, batch=2):
+def build(kind, batch=2, latent=LATENT):
     model = tiny_wan(heads=4, head_dim=128) if kind == "wan" else tiny_hunyuan(heads=4, head_dim=128)
     model = model.to("cuda", torch.bfloat16)
     if kind == "wan":
-        inputs = wan_inputs(latent=LATENT, batch=batch, text_len=64, device="cuda", dtype=torch.bfloat16)
+        inputs = wan_inputs(latent=latent, batch=batch, text_len=64, device="cuda", dtype=torch.bfloat16)
     else:
-        inputs = hunyuan_inputs(latent=LATENT, batch=batch, text_len=64, valid=(40, 64)[:batch], device="cuda",
+        inputs = hunyuan_inputs(latent=latent, batch=batch, text_len=64, valid=(40, 64)[:batch], device="cuda",
                                 dtype=torch.bfloat16)
     return model, inputs
 
@@ -68,3 +68,26 @@ def test_fp8_attention_through_optimize(kind):
     sites = draftopt.report(opt).rewritten
     assert sites and all(s.precision == "fp8 e4m3" and s.kernel == "gluon_sm90" for s in sites)
     assert 0 < rel_err(got, bf16) < 5e-2
+
+
+PADDED_LATENT = (4, 26, 80)  # -> 4 x 13 x 40 = 2080 video tokens: 8 x 16 tiles pad 48% of the rows, strips 23%
+
+
+@pytest.mark.parametrize("kind, text_len", [("wan", 0), ("hunyuan", 64)])
+@torch.no_grad()
+def test_default_tiling_takes_strips_on_a_padded_grid(kind, text_len):
+    """optimize's default tile ("auto") at sparsity 0.9 on a grid tiles pad: every site runs raster strips (the
+    report says so), matching the reference op given the same choice, in bf16 and FP8."""
+    model, inputs = build(kind, batch=1, latent=PADDED_LATENT)
+    opt = draftopt.optimize(model, sparsity=0.9, min_tokens=0, fullgraph=True)
+    got = opt(**inputs)[0]
+    sites = draftopt.report(opt).rewritten
+    assert sites and all(s.layout == "strips (auto)" and s.tile == (1, 128) for s in sites)
+    with reference_attention((4, 13, 40), text_len, "end", sparsity=0.9, tile="auto") as calls:
+        want = model(**inputs)[0]
+    assert len(calls) == len(sites)
+    assert rel_err(got, want) < 2e-2
+    fp8 = draftopt.optimize(model, sparsity=0.9, min_tokens=0, fullgraph=True, precision="fp8")
+    got8 = fp8(**inputs)[0]
+    assert all(s.precision == "fp8 e4m3" and s.layout == "strips (auto)" for s in draftopt.report(fp8).rewritten)
+    assert 0 < rel_err(got8, got) < 5e-2

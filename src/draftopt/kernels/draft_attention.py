@@ -59,8 +59,9 @@ def draft_attention(
         q, k, v: [B, heads, L, D], L = T*H*W visual tokens + text tokens.
         grid: (T, H, W) visual tokens.
         tile: tokens per tile (th, tw); th*tw is one kernel block. "strips" or "auto": the
-            tilings of ``draftopt.kernels.layout`` (128-token raster strips per frame; the
-            tiling with the fewest padding rows).
+            tilings of ``draftopt.kernels.layout`` (128-token raster strips per frame; strips
+            or 8 x 16 by the grid's padding and the sparsity, as ``draftopt.optimize`` does
+            by default).
         text_len: text tokens in L (default 0: the grid must explain the whole sequence).
         text_position: "start", "end", or how many of the text_len tokens come before the
             grid (the rest after it: FramePack's history, grid, text).
@@ -100,7 +101,7 @@ def draft_attention(
                              f"{L - n_visual} are text, pass text_len={L - n_visual} (and text_position), "
                              "else pass this attention's grid")
         text_len = 0
-    geom = tile_layout(grid, tile).geometry(text_len, text_position)
+    geom = tile_layout(grid, tile, sparsity).geometry(text_len, text_position)
     geom.check_seq_len(L)
     scale = D ** -0.5 if scale is None else float(scale)
 

@@ -10,19 +10,25 @@ full: its padding rows cost what real rows cost. 720p Wan2.1 frames are
   ``(T, 1, H * W)`` with ``(1, 128)`` tiles, so every op, kernel and mask
   works unchanged; only each frame's last strip is partial (45 x 80: 3.1%
   padding; 30 x 52: 6.7%).
-- ``"auto"``: of the 128-token tilings (8 x 16, 16 x 8, 4 x 32, 2 x 64,
-  strips) the one with the fewest padding rows; ties go to the earlier one, so
-  a grid that 8 x 16 tiles cover keeps them.
-
-On video-like inputs strips select as well as 8 x 16 tiles at sparsity 0.8-0.9
-(error ratio 0.73-1.04 over five grids; 0.75 at Wan2.1-14B 720p's 45 x 80
-frame) and worse at 0.5 on three of them (1.21-1.30; 0.93 at 45 x 80):
-``benchmarks/tile_shapes.py``, docs/design.md ("Tile layouts").
+- ``"auto"`` (``DraftConfig``'s default): strips where they pad fewer rows than
+  8 x 16 tiles and select about as well, else 8 x 16. Strips select better
+  at high sparsity and worse at low: the error ratio strips / 8 x 16 was
+  0.63-1.04 at sparsity 0.8-0.9 over seven grids and image sets (0.75 at
+  Wan2.1-14B 720p's 45 x 80 frames), but up to 1.21-1.30 at 0.5 on smaller
+  or 480p grids (``benchmarks/tile_shapes.py``, docs/design.md "Tile
+  layouts"). So strips
+  need a sparsity of 0 (dense: no selection) or at least ``STRIPS_MIN_SPARSITY``,
+  fixed at compile time: where it moves at run time (``runtime_sparsity``, a
+  schedule) or the ``max_error`` guard may keep more pairs, 8 x 16 stays.
+  16 x 8, 4 x 32 and 2 x 64 are explicit choices only (16 x 8, the least
+  padding of them at 30 x 52, selected worse there: 1.02-1.28).
 
 Example:
-    >>> tile_layout((21, 45, 80), "auto")
+    >>> tile_layout((21, 45, 80), "auto", sparsity=0.9)
     TileLayout(grid=(21, 1, 3600), tile=(1, 128), name='strips', auto=True, padding=0.0311)
-    >>> tile_layout((33, 48, 80), "auto").name
+    >>> tile_layout((21, 45, 80), "auto", sparsity=0.5).name  # strips select worse at low sparsity
+    '8x16'
+    >>> tile_layout((33, 48, 80), "auto", sparsity=0.9).name  # tiles cover the grid: no padding to save
     '8x16'
 """
 
@@ -35,8 +41,8 @@ from .geometry import Geometry, _as_tuple, _is_int
 
 STRIP_TOKENS = 128
 TILE_CHOICES = ("strips", "auto")
-# "auto"'s candidates, in order of preference on a tie: 128-token blocks, the Gluon kernel's.
-AUTO_CANDIDATES = ((8, 16), (16, 8), (4, 32), (2, 64), "strips")
+# "auto" takes strips over 8 x 16 only at sparsity 0 or from here up (the module doc says why).
+STRIPS_MIN_SPARSITY = 0.8
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,14 @@ def _layout(grid, tile, auto: bool) -> TileLayout:
     return TileLayout(tuple(grid), tuple(tile), f"{tile[0]}x{tile[1]}", auto, round(_padding(grid, tile), 4))
 
 
-def tile_layout(grid, tile) -> TileLayout:
-    """The tiling of a (T, H, W) grid for ``tile`` ((th, tw), "strips" or "auto": the module doc)."""
+def tile_layout(grid, tile, sparsity: float = 0.0, adaptive: bool = False) -> TileLayout:
+    """The tiling of a (T, H, W) grid for ``tile`` ((th, tw), "strips" or "auto": the module doc).
+    ``sparsity`` and ``adaptive`` (the kept pairs may change at run time: a run-time sparsity or the
+    ``max_error`` guard) matter to "auto" only."""
     tile = check_tile(tile)
     grid = tuple(int(d) for d in grid)
     if tile != "auto":
         return _layout(grid, tile, False)
-    layouts = [_layout(grid, c, True) for c in AUTO_CANDIDATES]
-    return min(layouts, key=lambda lay: lay.padding)  # min keeps the first of equals
+    tiles, strips = _layout(grid, (8, 16), True), _layout(grid, "strips", True)
+    selects_well = sparsity == 0.0 or (sparsity >= STRIPS_MIN_SPARSITY and not adaptive)
+    return strips if strips.padding < tiles.padding and selects_well else tiles

@@ -43,11 +43,12 @@ class DraftConfig:
         latent_shape: (T, H, W) of the latent tensor the model is called with;
             None: read the grid off the graph's patch embedding.
         patch_size: patch size (int or (pt, ph, pw)); None: the patch embedding's stride.
-        tile: tokens per tile (th, tw); th * tw is one kernel block (power of two, 16..256).
-            "strips": each frame's tokens in raster order, cut into 128-token strips (fewer
-            padding rows where no tile covers the frame, e.g. 45 x 80 tokens: 3.1% against
-            6.7% for 8 x 16); "auto": per grid, the 128-token tiling with the fewest padding
-            rows (``draftopt.kernels.layout``; the report's "tile" column shows the choice).
+        tile: "auto" (the default): per grid, 8 x 16 tiles, or each frame's tokens in raster
+            order cut into 128-token strips where those pad fewer rows (45 x 80 tokens: 3.1%
+            against 6.7%) and the sparsity is 0 or at least 0.8, fixed (strips select worse
+            at lower sparsity; ``draftopt.kernels.layout`` gives the numbers). The report's "tile"
+            column shows each site's choice. "strips": strips always; (th, tw): tokens per tile,
+            th * tw one kernel block (power of two, 16..256).
         policy: "mass" (each head's pairs of largest estimated attention mass, the default),
             "percentile" (the paper's rule), "topk" or "cdf" (see ``draftopt.kernels.sparsity``).
         cdf_threshold: draft-map mass each query tile must cover (policy "cdf").
@@ -102,7 +103,7 @@ class DraftConfig:
     sparsity: float = 0.9
     latent_shape: tuple | None = None
     patch_size: int | tuple | None = None
-    tile: tuple = (8, 16)
+    tile: tuple | str = "auto"
     policy: str = "mass"
     cdf_threshold: float = 0.9
     text_len: int | None = None

@@ -275,7 +275,8 @@ def site_geometry(grid, text_len: int, position, cfg: DraftConfig, facts: dict, 
     N = n_tokens(grid)
     if N < cfg.min_tokens:
         raise skip(f"too few tokens: {N} visual tokens < min_tokens={cfg.min_tokens}")
-    layout = tile_layout(grid, cfg.tile)  # strips see the grid as (T, 1, H * W)
+    adaptive = cfg.runtime_sparsity or cfg.max_error is not None  # the kept pairs may change at run time
+    layout = tile_layout(grid, cfg.tile, cfg.sparsity, adaptive)  # strips see the grid as (T, 1, H * W)
     geom = layout.geometry(text_len, position)
     facts.update(text_position=geom.text_position if text_len else None,  # a count of 0 / all: "end" / "start"
                  tile=geom.tile, layout=layout.label, n_tiles=geom.n_tiles, sparsity=cfg.sparsity,
