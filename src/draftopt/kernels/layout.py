@@ -16,10 +16,10 @@ full: its padding rows cost what real rows cost. 720p Wan2.1 frames are
   0.63-1.04 at sparsity 0.8-0.9 over seven grids and image sets (0.75 at
   Wan2.1-14B 720p's 45 x 80 frames), but up to 1.21-1.30 at 0.5 on smaller
   or 480p grids (``benchmarks/tile_shapes.py``, docs/design.md "Tile
-  layouts"). So strips
-  need a sparsity of 0 (dense: no selection) or at least ``STRIPS_MIN_SPARSITY``,
-  fixed at compile time: where it moves at run time (``runtime_sparsity``, a
-  schedule) or the ``max_error`` guard may keep more pairs, 8 x 16 stays.
+  layouts"). So strips need a sparsity of 0 (dense: no selection) or at least
+  ``STRIPS_MIN_SPARSITY``, fixed at compile time: where it moves at run time
+  (``runtime_sparsity``, a schedule) or the ``max_error`` guard may keep more
+  pairs, 8 x 16 stays.
   16 x 8, 4 x 32 and 2 x 64 are explicit choices only (16 x 8, the least
   padding of them at 30 x 52, selected worse there: 1.02-1.28).
 
@@ -103,5 +103,5 @@ def tile_layout(grid, tile, sparsity: float = 0.0, adaptive: bool = False) -> Ti
     if tile != "auto":
         return _layout(grid, tile, False)
     tiles, strips = _layout(grid, (8, 16), True), _layout(grid, "strips", True)
-    selects_well = sparsity == 0.0 or (sparsity >= STRIPS_MIN_SPARSITY and not adaptive)
+    selects_well = not adaptive and (sparsity == 0.0 or sparsity >= STRIPS_MIN_SPARSITY)
     return strips if strips.padding < tiles.padding and selects_well else tiles
