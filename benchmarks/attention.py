@@ -6,6 +6,9 @@
 bf16, D = 128, batch 1, at three real-model shapes. Rows per (shape, sparsity):
 
 - dense SDPA with the cuDNN backend, and with the flash backend;
+- dense SageAttention (INT8 q k^T, FP16 P V: the 8-bit dense peer of
+  ``precision="fp8"``) where the ``sageattention`` package is installed (its
+  Triton release is one 20 KB wheel to carry), else a row saying it is not;
 - FlexAttention, compiled, given draftopt's block mask (selected tiles and text
   blocks as full blocks, tile-major q/k/v): the same sparse work, Inductor's kernel;
 - draftopt total (all five stages as ``draft_attention`` runs them), in bf16 and
@@ -116,6 +119,28 @@ def _layout_rows(tile, q, k, v, geom, s, policy, best, ref, row):
     row(f"stages 3-5 as one op, {label} (tiled_attention: {described})", s, ms, mem, flops, None)
 
 
+def _sage_row(q, k, v, ref, best, dense_flops, row):
+    """Dense SageAttention (INT8 q k^T, FP16 P V; its Triton release, a peer of ``precision="fp8"``) where the
+    ``sageattention`` package is installed (carry its wheel to the GPU machine); else a row that says so."""
+    try:
+        from sageattention import sageattn
+    except ImportError as e:
+        row(f"dense SageAttention: not installed ({e})", 0.0, None, None, None, None)
+        return
+    import importlib.metadata
+
+    label = f"dense SageAttention {importlib.metadata.version('sageattention')} (INT8 q k, FP16 P V)"
+    try:
+        out = sageattn(q, k.clone(), v, tensor_layout="HND")  # it subtracts k's mean in place: a copy
+        k_own = k.clone()  # timed on its own copy: after the first call the mean it subtracts is ~0
+        ms, mem = timed(lambda: sageattn(q, k_own, v, tensor_layout="HND"))
+    except Exception as e:  # an old Triton kernel on this Triton: say so, and go on
+        row(f"dense SageAttention: failed ({type(e).__name__}: {str(e)[:80]})", 0.0, None, None, None, None)
+        return
+    row(label, 0.0, ms, mem, dense_flops, best, rel_err(out, ref))
+    del out, k_own
+
+
 def bench_shape(name, sparsities, flex_compiled, policy, extra_tiles=("auto",)):
     heads, geom = shape(name)
     grid, text_len = geom.grid, geom.text_len
@@ -141,6 +166,7 @@ def bench_shape(name, sparsities, flex_compiled, policy, extra_tiles=("auto",)):
         row(label, 0.0, ms, mem, dense_flops, best)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         ref = F.scaled_dot_product_attention(q, k, v)
+    _sage_row(q, k, v, ref, best, dense_flops, row)
     fp8_plan = plan(geom, q.dtype, q.device, 128, 1, precision="fp8")
     if fp8_plan.fp8:
         out = draft_attention(q, k, v, grid, text_len=text_len, sparsity=0.0, precision="fp8")
