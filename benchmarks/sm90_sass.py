@@ -22,7 +22,8 @@ Variants (the op paths that launch the kernel): ``in-place`` (HunyuanVideo-like
 exact grid, text after it), ``edge`` (a padded grid without a key mask: edge
 padding masked by position), ``bias`` (the same grid, masked by the bias row,
 as with a key mask), ``strips`` (one-row 128-token tiles in place),
-``tile-major`` (permuted copies), ``fp8`` (the e4m3 mode), ``fp8-edge`` (the e4m3 mode on the padded
+``tile-major`` (permuted copies), ``fp8`` (the e4m3 mode), ``fp8-out`` (the e4m3 mode writing its
+output in place), ``fp8-edge`` (the e4m3 mode on the padded
 grid, its padding masked by position).
 """
 
@@ -44,7 +45,7 @@ if __package__:
 else:
     import _results
 
-VARIANTS = ("in-place", "edge", "bias", "strips", "tile-major", "fp8", "fp8-edge")
+VARIANTS = ("in-place", "edge", "bias", "strips", "tile-major", "fp8", "fp8-edge", "fp8-out")
 HEADERS = ["variant", "constexprs", "registers", "spill bytes", "shared KB", "MUFU.EX2", "wgmma serialized",
            "loop instructions", "loop mix"]
 
@@ -127,8 +128,9 @@ def _launch(variant: str, tuning_overrides: dict | None = None):
         A.attend_sm90(qp, kp, vp, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, True, tuning)
     else:
         ops = fp8_operands_reference(q, k, v, src, geom.block)
-        A.attend_sm90_fp8(*ops, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, variant == "fp8",
-                          q.dtype, fp8_tuning, edges=A.edge_grid(geom, False))
+        A.attend_sm90_fp8(*ops, kv_idx, kv_cnt, bias, scale, geom.n_tiles, geom.n_text_blocks, variant != "fp8-edge",
+                          q.dtype, fp8_tuning, edges=A.edge_grid(geom, False),
+                          out_geom=geom if variant == "fp8-out" else None)
 
 
 def compile_variant(variant: str, tuning_overrides: dict | None = None) -> dict:
@@ -197,7 +199,7 @@ def row(variant: str, sass_dir: str | None, tuning_overrides: dict | None = None
         with open(os.path.join(sass_dir, f"sm90_{variant}.sass"), "w") as f:
             f.write(sass)
     n, mix = loop_mix(sass)
-    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG", "ROWSUM_MMA")
+    shown = ("VISUAL_BIAS", "IN_PLACE", "TILE_H", "FP8", "EDGE", "PINGPONG", "ROWSUM_MMA", "STORE_IN_PLACE")
     keys = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in c["constexprs"].items() if k in shown)
     return [variant, keys, int(regs.group(1)) if regs else None, int(local.group(1)) if local else None,
             round(kernel.metadata.shared / 1024, 1), sass.count("MUFU.EX2"),

@@ -276,6 +276,63 @@ def test_sm90_fp8_matches_reference(g, B, H, D, density, visual_bias):
     assert rel_err(got.cpu(), exact) < FP8_BUDGET
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("g, visual_bias", [
+    (Geometry((2, 16, 32), (8, 16), 77, "end"), False),    # tiles cover the grid, text after it
+    (Geometry((3, 13, 37), (8, 16), 40, "start"), False),  # edge tiles clipped by the stores, text first
+    (Geometry((3, 13, 37), (8, 16), 40, "start"), True),   # ... with a key mask (the bias on every key)
+    (Geometry((2, 1, 45 * 20), (1, 128), 77, "end"), False),  # raster strips: split in column halves
+], ids=["exact", "padded", "padded-mask", "strips"])
+def test_sm90_fp8_output_in_place_matches_tile_major(g, visual_bias):
+    """draftopt::attend_sm90_fp8_in_place (the output stored in the original order, batch 1) writes exactly
+    what the tile-major op's output is after the unpermute: the same products, only the store differs.
+    Poisoned outputs catch a row it does not write."""
+    from draftopt.kernels.gluon.attention import edge_grid
+
+    _require_sm90()
+    H, D = 3, 128
+    q, k, v = _inputs(g, 1, H, D, "cuda", torch.bfloat16)
+    kv_idx, kv_cnt = random_block_mask(1, H, g.n_tiles, 0.4, "cuda")
+    keep = torch.rand(1, g.seq_len, device="cuda") > 0.1 if visual_bias else torch.ones(
+        1, g.seq_len, dtype=torch.bool, device="cuda")
+    bias = key_bias_for(g, keep, "cuda")
+    bias = bias if visual_bias else without_visual_bias(bias, g)
+    operands = fp8_operands_triton(q, k, v, permuted_source_index(g, "cuda"), g.block)
+    edges = list(edge_grid(g, visual_bias) or ())
+    common = (kv_idx, kv_cnt, bias, D ** -0.5)
+    with poison_outputs():
+        got = torch.ops.draftopt.attend_sm90_fp8_in_place(*operands, *common, visual_bias, q.dtype, edges,
+                                                          *g.op_args())
+        tile_major = torch.ops.draftopt.attend_sm90_fp8(*operands, *common, g.n_tiles, g.n_text_blocks,
+                                                        visual_bias, q.dtype, edges)
+    assert got.shape == q.shape and not got.isnan().any()
+    torch.testing.assert_close(got, unpermute_tiles(tile_major, g), atol=0, rtol=0)
+    assert rel_err(got, masked_reference(q, k, v, g, kv_idx, kv_cnt, keep)) < FP8_BUDGET
+
+
+def test_fp8_in_place_op_fake_impl_and_refusals():
+    """The in-place FP8 op's fake impl (what torch.compile traces) has the original-order shape; the launcher
+    refuses a batch or geometry the stores cannot address in place, naming it."""
+    from draftopt.kernels.gluon.attention import attend_sm90_fp8
+
+    g = Geometry((2, 13, 37), (8, 16), 77, "end")
+    q8 = torch.empty(1, 2, g.padded_len, 128, device="meta", dtype=torch.float8_e4m3fn)
+    scales = (torch.empty(1, 2, g.n_blocks, device="meta"), torch.empty(1, 2, device="meta"),
+              torch.empty(1, 2, device="meta"))
+    kv_idx = torch.empty(1, 2, g.n_tiles, g.n_tiles, device="meta", dtype=torch.int32)
+    kv_cnt = torch.empty(1, 2, g.n_tiles, device="meta", dtype=torch.int32)
+    bias = torch.empty(1, 1, g.padded_len, device="meta")
+    out = torch.ops.draftopt.attend_sm90_fp8_in_place(q8, q8, q8.transpose(2, 3), *scales, kv_idx, kv_cnt, bias,
+                                                      0.1, False, torch.bfloat16, [], *g.op_args())
+    assert out.shape == (1, 2, g.seq_len, 128) and out.dtype == torch.bfloat16
+    split = Geometry((2, 16, 32), (8, 16), 300 + 77, 300)  # text on both sides: one row descriptor cannot
+    q8b = torch.empty(2, 2, g.padded_len, 128, device="meta", dtype=torch.float8_e4m3fn)
+    for operand, geom in ((q8, split), (q8b, g)):
+        with pytest.raises(ValueError, match="cannot write this geometry's output in place"):
+            attend_sm90_fp8(operand, None, None, None, None, None, None, None, None, 0.1, 0, 0, False,
+                            torch.bfloat16, out_geom=geom)
+
+
 def test_sm90_fp8_rejects_rowsum_mma():
     """Row sums by an 8-bit product came out ~4x too large on the H200 (docs/design.md): the FP8 op refuses
     the tuning before it allocates or launches anything (so this runs on the CPU too)."""

@@ -280,7 +280,7 @@ if HAVE_GLUON:
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
                   nw, nhw, VISUAL_BIAS: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                  TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr,
+                  TILE_H: gl.constexpr, STORE_IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, FP8: gl.constexpr,
                   EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
                   E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr, ROWSUM_MMA: gl.constexpr):
         ROWS: gl.constexpr = o_desc.block_type.shape[0]
@@ -381,7 +381,7 @@ if HAVE_GLUON:
             o_mine.store((acc / l_o[:, None]).to(o_desc.dtype))
         fence_async_shared()
         _store_block(o_desc, ov_desc, ot_desc, o_mine, pid_m, q_row + c * ROWS, h, n_tiles, nw, nhw, c,
-                     BLOCK, TILE_H, IN_PLACE)
+                     BLOCK, TILE_H, STORE_IN_PLACE)
         tma.store_wait(0)
 
     @gluon.jit
@@ -394,9 +394,12 @@ if HAVE_GLUON:
         TILE_H: gl.constexpr, IN_PLACE: gl.constexpr, PINGPONG: gl.constexpr, ROTATE: gl.constexpr,
         FP8: gl.constexpr, EDGE: gl.constexpr, EDGE_TH: gl.constexpr, E_NW: gl.constexpr, E_NHW: gl.constexpr,
         E_NH: gl.constexpr, E_ROWS: gl.constexpr, E_COLS: gl.constexpr, ROWSUM_MMA: gl.constexpr,
+        STORE_IN_PLACE: gl.constexpr,
     ):
-        # IN_PLACE (batch 1): q, k, v, out in the original order, read and written through the
-        # box (visual tiles) and row (text) descriptors; else tile-major copies through q_desc ... o_desc.
+        # IN_PLACE (batch 1): q, k, v in the original order, read through the box (visual tiles) and row
+        # (text) descriptors; else tile-major copies through q_desc ... v_desc. STORE_IN_PLACE (batch 1): the
+        # output likewise, through ov_desc / ot_desc (o_desc gives its block type); else tile-major. FP8 reads
+        # tile-major e4m3 copies and may store in place: no unpermute of its output.
         # FP8: tile-major e4m3 q, k and V^T (v_desc over [B*heads*D, Lp]) with float32 scales: QScale per
         # query block [B*heads, Lp / BLOCK], KScale and VScale per head [B*heads]; a 16-bit output.
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
@@ -469,11 +472,13 @@ if HAVE_GLUON:
             (_consumer, (0, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
-                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, ROWSUM_MMA)),
+                         STORE_IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS,
+                         ROWSUM_MMA)),
             (_consumer, (1, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem, q_bar, k_ready, k_empty,
                          v_ready, v_empty, turn, bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row,
                          qk_scale, v_scale, pid_m, h, nw, nhw, VISUAL_BIAS, K_STAGES, V_STAGES, TILE_H,
-                         IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS, ROWSUM_MMA)),
+                         STORE_IN_PLACE, PINGPONG, FP8, EDGE, EDGE_TH, E_NW, E_NHW, E_NH, E_ROWS, E_COLS,
+                         ROWSUM_MMA)),
             (_producer, (q_desc, k_desc, v_desc, qv_desc, kv_desc, vv_desc, qt_desc, kt_desc, vt_desc,
                          q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, bh_row0, q_row, pid_m, h, nw, nhw, bh,

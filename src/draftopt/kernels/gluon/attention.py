@@ -73,10 +73,12 @@ def edge_grid(geom: Geometry, visual_bias: bool) -> tuple[int, int, int, int] | 
 
 
 def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_text_blocks, Lp, nw, nhw, tile_h,
-            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None, edges: tuple[int, ...] | None = None):
+            visual_bias, in_place, tuning: Sm90Tuning, fp8_scales=None, edges: tuple[int, ...] | None = None,
+            store_in_place: bool | None = None):
     """``edges``: (H, W, tile_h, tile_w) of a padded grid whose edge tiles' padding keys the kernel masks
     by position (``edge_grid``: the tile's index, no bias row); None where the bias (or nothing: an exact
-    grid) does. Tile-major copies keep each tile's tokens in box order, as the tiles in place are."""
+    grid) does. Tile-major copies keep each tile's tokens in box order, as the tiles in place are.
+    ``in_place``: q, k, v read in place; ``store_in_place`` (default: ``in_place``): the output written so."""
     if Lp != (n_tiles + n_text_blocks) * BLOCK:
         raise RuntimeError(f"draftopt internal error: {Lp} rows are not {n_tiles} tiles + {n_text_blocks} text blocks")
     bias_b = bias.expand(kv_cnt.shape[0], n_heads, Lp)
@@ -96,7 +98,8 @@ def _launch(tm, boxes, texts, bias, kv_idx, kv_cnt, scale, n_heads, n_tiles, n_t
         VISUAL_BIAS=bool(visual_bias), K_STAGES=tuning.k_stages, V_STAGES=tuning.v_stages, TILE_H=tile_h,
         IN_PLACE=in_place, PINGPONG=tuning.pingpong, ROTATE=tuning.rotate, FP8=fp8_scales is not None,
         EDGE=edges is not None, EDGE_TH=edge_th, E_NW=e_nw, E_NHW=e_nhw, E_NH=e_nh, E_ROWS=e_rows, E_COLS=e_cols,
-        ROWSUM_MMA=tuning.rowsum_mma, num_warps=4,
+        ROWSUM_MMA=tuning.rowsum_mma, STORE_IN_PLACE=in_place if store_in_place is None else store_in_place,
+        num_warps=4,
     )
 
 
@@ -119,26 +122,40 @@ def attend_sm90(q, k, v, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, vi
 
 def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks,
                     visual_bias, out_dtype, tuning: Sm90Tuning = DEFAULT_FP8_TUNING,
-                    edges: tuple[int, ...] | None = None):
+                    edges: tuple[int, ...] | None = None, out_geom: Geometry | None = None):
     """FP8 attention on tile-major e4m3 operands (``triton/quantize.py`` makes them): q8, k8 [B, heads, Lp, D],
     vt8 = V^T [B, heads, D, Lp] (tokens in ``ops/quantize.fp8_key_order`` within each 16); float32 scales
     q_scale [B, heads, Lp / 128], k_scale and v_scale [B, heads].
-    Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit). ``edges``: as attend_sm90's."""
+    Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit); with ``out_geom`` (batch 1, a
+    geometry ``reads_in_place``) the output in the original token order [1, heads, L, D], written in place
+    (no unpermute). ``edges``: as attend_sm90's."""
     if tuning.rowsum_mma:  # measured wrong on the H200: the sums came out ~4x (docs/design.md)
         raise ValueError(f"attend_sm90_fp8: {tuning} has rowsum_mma=True, which the FP8 kernel does not "
                          "support (its row sums by an 8-bit product were wrong on the H200); pass "
                          "rowsum_mma=False")
     B, heads, Lp, D = q8.shape
-    out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
-    f8, o16 = _gl_dtype(torch.float8_e4m3fn), _gl_dtype(out_dtype)
+    if out_geom is not None and not reads_in_place(out_geom, B):
+        raise ValueError(f"attend_sm90_fp8 cannot write this geometry's output in place ({out_geom}, batch {B}); "
+                         "pass out_geom=None for the tile-major output")
+    f8 = _gl_dtype(torch.float8_e4m3fn)
     rows = B * heads * Lp
     qd = _desc(q8, [rows, D], [D, 1], [BLOCK // 2, D], f8)
     kd = _desc(k8, [rows, D], [D, 1], [BLOCK, D], f8)
     vd = _desc(vt8, [B * heads * D, Lp], [Lp, 1], [D, BLOCK], f8)
-    od = _desc(out, [rows, D], [D, 1], [BLOCK // 2, D], o16)
-    tm = [qd, kd, vd, od]
-    _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-            visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()), edges)
+    if out_geom is None:
+        out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
+        od = _desc(out, [rows, D], [D, 1], [BLOCK // 2, D], _gl_dtype(out_dtype))
+        tm = [qd, kd, vd, od]
+        _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
+                visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()),
+                edges)
+        return out
+    out = torch.empty((1, heads, out_geom.seq_len, D), dtype=out_dtype, device=q8.device)
+    of, ob, ot = _in_place_views(out, out_geom, True)  # q, k, v's box and text slots: unread (tile-major loads)
+    nh, nw = out_geom.tiles_hw
+    _launch([qd, kd, vd, of], [qd, kd, vd, ob], [qd, kd, vd, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
+            n_tiles, n_text_blocks, Lp, nw, nh * nw, out_geom.tile[0], visual_bias, False, tuning,
+            (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()), edges, store_in_place=True)
     return out
 
 
@@ -153,6 +170,25 @@ def _tma_ready(t):
     return t if _tma_strides(t) and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
+def _in_place_views(t, geom: Geometry, half: bool):
+    """Descriptors of an original-order [1, heads, L, D] tensor for the in-place kernel: a flat one (only for
+    its block type), the [heads, T, H, W, D] box view of the visual tiles (``half``: half a tile a box, one
+    consumer's rows) and the rows of the text."""
+    (T, H, W), (th, tw) = geom.grid, geom.tile
+    _, heads, L, D = t.shape
+    gl_dtype = _gl_dtype(t.dtype)
+    s_head, s_tok = t.stride(1), t.stride(2)
+    rows = BLOCK // 2 if half else BLOCK
+    flat = _desc(t[0, 0], [L, D], [s_tok, 1], [rows, D], gl_dtype)
+    box_hw = ((th // 2, tw) if th > 1 else (1, tw // 2)) if half else (th, tw)
+    box = _desc(t[0, :, geom.visual_offset:], [heads, T, H, W, D], [s_head, H * W * s_tok, W * s_tok, s_tok, 1],
+                [1, 1, *box_hw, D], gl_dtype)
+    n_text = geom.text_len or L  # without text the text descriptors are never used
+    text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [heads, n_text, D], [s_head, s_tok, 1],
+                 [1, rows, D], gl_dtype)
+    return flat, box, text
+
+
 def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, visual_bias,
                          tuning: Sm90Tuning = DEFAULT_TUNING):
     """Stages 3-5 in one kernel: original-order q, k, v [1, heads, L, D] -> output with q's strides.
@@ -164,28 +200,15 @@ def attend_sm90_in_place(q, k, v, kv_idx, kv_cnt, bias, scale, geom: Geometry, v
     edge tiles are masked by their position, not by the bias (at Wan2.1-14B 720p
     26.6 -> 22.6 ms: docs/design.md, "Edge tiles masked by position").
     """
-    _, heads, L, D = q.shape
+    heads = q.shape[1]
     if not reads_in_place(geom, q.shape[0]):
         raise ValueError(f"attend_sm90_in_place cannot address this geometry in place ({geom}, batch "
                          f"{q.shape[0]}); call draftopt::tiled_attention, which permutes such sites")
-    (T, H, W), (th, tw) = geom.grid, geom.tile
+    th = geom.tile[0]
     out = torch.empty_like(q)  # fresh, so aligned; q's strides where q is dense, else contiguous
     q, k, v, out = (_tma_ready(t) for t in (q, k, v, out))
-    gl_dtype = _gl_dtype(q.dtype)
-    n_text = geom.text_len or L  # without text the text descriptors are never used
-
-    def views(t, half):
-        s_head, s_tok = t.stride(1), t.stride(2)
-        rows = BLOCK // 2 if half else BLOCK
-        flat = _desc(t[0, 0], [L, D], [s_tok, 1], [rows, D], gl_dtype)  # only for its block type
-        box_hw = ((th // 2, tw) if th > 1 else (1, tw // 2)) if half else (th, tw)
-        box = _desc(t[0, :, geom.visual_offset:], [heads, T, H, W, D], [s_head, H * W * s_tok, W * s_tok, s_tok, 1],
-                    [1, 1, *box_hw, D], gl_dtype)
-        text = _desc(t[0, :, geom.text_offset if geom.text_len else 0:], [heads, n_text, D], [s_head, s_tok, 1],
-                     [1, rows, D], gl_dtype)
-        return flat, box, text
-
-    (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (views(t, t is q or t is out) for t in (q, k, v, out))
+    (qf, qb, qt), (kf, kb, kt), (vf, vb, vt), (of, ob, ot) = (_in_place_views(t, geom, t is q or t is out)
+                                                              for t in (q, k, v, out))
     nh, nw = geom.tiles_hw
     _launch([qf, kf, vf, of], [qb, kb, vb, ob], [qt, kt, vt, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
             geom.n_tiles, geom.n_text_blocks, geom.padded_len, nw, nh * nw, th, visual_bias, True, tuning,

@@ -1,4 +1,5 @@
-"""``draftopt::attend_sm90`` and ``draftopt::attend_sm90_in_place``: the Gluon Hopper kernel as ops.
+"""``draftopt::attend_sm90``, ``draftopt::attend_sm90_in_place``, ``draftopt::attend_sm90_fp8`` and
+``draftopt::attend_sm90_fp8_in_place``: the Gluon Hopper kernel as ops.
 
 Opaque custom ops (not triton_ops): torch.compile cannot trace a Gluon launch,
 so Inductor calls these as extern kernels; they sync nothing, so CUDA graphs
@@ -67,3 +68,23 @@ def _attend_sm90_fp8_op(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q
 def _(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, n_tiles, n_text_blocks, visual_bias,
       out_dtype, edges):
     return q8.new_empty(q8.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("draftopt::attend_sm90_fp8_in_place", mutates_args=())
+def _attend_sm90_fp8_in_place_op(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale: torch.Tensor,
+                                 k_scale: torch.Tensor, v_scale: torch.Tensor, kv_idx: torch.Tensor,
+                                 kv_cnt: torch.Tensor, bias: torch.Tensor, scale: float, visual_bias: bool,
+                                 out_dtype: torch.dtype, edges: list[int], T: int, H: int, W: int, th: int, tw: int,
+                                 text_len: int, text_before: int) -> torch.Tensor:
+    """draftopt::attend_sm90_fp8 at batch 1 with the output written in place: [1, heads, L, D] in the original
+    token order of the geometry (T, H, W, th, tw, text_len, text_before), so no unpermute follows."""
+    geom = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before)
+    return attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, geom.n_tiles,
+                           geom.n_text_blocks, visual_bias, out_dtype, edges=_edges(edges), out_geom=geom)
+
+
+@_attend_sm90_fp8_in_place_op.register_fake
+def _(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias, scale, visual_bias, out_dtype, edges,
+      T, H, W, th, tw, text_len, text_before):
+    L = Geometry.from_op_args(T, H, W, th, tw, text_len, text_before).seq_len
+    return q8.new_empty((1, q8.shape[1], L, q8.shape[3]), dtype=out_dtype)
