@@ -142,20 +142,20 @@ def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias
     qd = _desc(q8, [rows, D], [D, 1], [BLOCK // 2, D], f8)
     kd = _desc(k8, [rows, D], [D, 1], [BLOCK, D], f8)
     vd = _desc(vt8, [B * heads * D, Lp], [Lp, 1], [D, BLOCK], f8)
+    scales = (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous())
     if out_geom is None:
         out = torch.empty((B, heads, Lp, D), dtype=out_dtype, device=q8.device)
         od = _desc(out, [rows, D], [D, 1], [BLOCK // 2, D], _gl_dtype(out_dtype))
         tm = [qd, kd, vd, od]
         _launch(tm, tm, tm, bias, kv_idx.contiguous(), kv_cnt, scale, heads, n_tiles, n_text_blocks, Lp, 1, 1, 2,
-                visual_bias, False, tuning, (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()),
-                edges)
+                visual_bias, False, tuning, scales, edges)
         return out
     out = torch.empty((1, heads, out_geom.seq_len, D), dtype=out_dtype, device=q8.device)
     of, ob, ot = _in_place_views(out, out_geom, True)  # q, k, v's box and text slots: unread (tile-major loads)
     nh, nw = out_geom.tiles_hw
     _launch([qd, kd, vd, of], [qd, kd, vd, ob], [qd, kd, vd, ot], bias, kv_idx.contiguous(), kv_cnt, scale, heads,
-            n_tiles, n_text_blocks, Lp, nw, nh * nw, out_geom.tile[0], visual_bias, False, tuning,
-            (q_scale.contiguous(), k_scale.contiguous(), v_scale.contiguous()), edges, store_in_place=True)
+            n_tiles, n_text_blocks, Lp, nw, nh * nw, out_geom.tile[0], visual_bias, False, tuning, scales, edges,
+            store_in_place=True)
     return out
 
 
