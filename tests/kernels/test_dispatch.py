@@ -143,3 +143,11 @@ def test_stage_backend_follows_the_device():
     (True, True, "fused in place"), (True, False, "fused, permuted inside"), (False, False, "separate permutes")])
 def test_describe(fused, in_place, words):
     assert describe("triton", fused, in_place) == f"triton, {words}"
+
+
+@pytest.mark.parametrize("in_place, words", [(True, "fused, e4m3 copies in, stored in place"),
+                                             (False, "fused, e4m3 copies in")])
+def test_describe_fp8_on_the_gluon_kernel(in_place, words):
+    """An FP8 site on the Gluon kernel reads e4m3 copies; "in place" is its output's store alone."""
+    assert describe("gluon_sm90", True, in_place, fp8=True) == f"gluon_sm90, {words}"
+    assert describe("torch", True, in_place, fp8=True) == describe("torch", True, in_place)

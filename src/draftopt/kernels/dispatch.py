@@ -16,7 +16,8 @@ Backends:
 where they lie (no permuted copies at all) or permutes inside the op;
 ``fp8`` whether it computes in FP8 (``precision="fp8"``: e4m3 q, k, P and V,
 on the Gluon kernel, or simulated by the PyTorch path; e4m3 copies are made
-in one pass with the permute, so an FP8 site is never in place).
+in one pass with the permute, so an FP8 site reads copies, and where a bf16
+site would be in place it stores its output in place).
 
 Example:
     >>> from draftopt.kernels import Geometry
@@ -62,18 +63,23 @@ class AttentionPlan:
 
     backend: Backend
     fused: bool  # stages 3-5 in one op
-    in_place: bool  # that op's kernel addresses tiles in place (no permuted copies)
+    in_place: bool  # that op's kernel addresses tiles in place (FP8: its output; it reads e4m3 copies)
     reason: str  # why this backend (for the report)
     fp8: bool = False  # e4m3 q, k, P, V (precision="fp8")
     precision: str = ""  # what the products run in: the dtype's name or FP8_NAME (for the report)
 
     def describe(self) -> str:
-        return describe(self.backend.value, self.fused, self.in_place)
+        return describe(self.backend.value, self.fused, self.in_place, self.fp8)
 
 
-def describe(backend: str, fused: bool, in_place: bool) -> str:
+def describe(backend: str, fused: bool, in_place: bool, fp8: bool = False) -> str:
     """A plan in words: "gluon_sm90, fused in place", "triton, separate permutes", ..."""
-    layout = ("fused in place" if in_place else "fused, permuted inside") if fused else "separate permutes"
+    if not fused:
+        layout = "separate permutes"
+    elif fp8 and backend == Backend.GLUON_SM90.value:
+        layout = "fused, e4m3 copies in, stored in place" if in_place else "fused, e4m3 copies in"
+    else:
+        layout = "fused in place" if in_place else "fused, permuted inside"
     return f"{backend}, {layout}"
 
 
@@ -136,7 +142,7 @@ def plan(geom: Geometry, dtype: torch.dtype, device, head_dim: int, batch: int,
         reason = f"{reason}; fp8 needs the sm_90 kernel, so it computes in {_name(dtype)}"
     if backend is Backend.GLUON_SM90:
         fused = bool(fuse_permute)
-        in_place = fused and not fp8 and reads_in_place(geom, batch)
+        in_place = fused and reads_in_place(geom, batch)
     else:
         fused = bool(fuse_permute) and not geom.has_visual_padding
         in_place = fused

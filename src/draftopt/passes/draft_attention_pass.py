@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..kernels import AttentionPlan, Geometry, check_key_padding_mask, needs_visual_bias, plan
 from ..kernels._utils import MAX_HEAD_DIM, SUPPORTED_DTYPES
-from ..kernels.dispatch import describe
+from ..kernels.dispatch import FP8_NAME, describe
 from ..kernels.layout import tile_layout
 from .config import DraftConfig
 from .infer_geometry import grid_sources, is_static, n_tokens, text_before_from_graph
@@ -86,7 +86,9 @@ class SiteRecord:
     @property
     def plan(self) -> str:
         """The attention plan in words ("gluon_sm90, fused in place"), "-" for a skipped site."""
-        return describe(self.kernel, self.fused, self.in_place) if self.status == "rewritten" else "-"
+        if self.status != "rewritten":
+            return "-"
+        return describe(self.kernel, self.fused, self.in_place, self.precision == FP8_NAME)
 
 
 @dataclass(frozen=True)

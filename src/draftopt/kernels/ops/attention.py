@@ -113,17 +113,13 @@ def _attend_sm90_fp8(q, k, v, src, kv_idx, kv_cnt, key_bias, scale, n_tiles, n_t
                                               visual_bias, q.dtype, list(edges))
 
 
-# The FP8 kernel writing its output in place at batch 1 (no unpermute: 0.43 ms at HunyuanVideo 720p). Staged:
-# on once tests/kernels/test_fp8.py::test_sm90_fp8_output_in_place_matches_tile_major has passed on an H200.
-FP8_STORE_IN_PLACE = False
-
-
 def _tiled_attention_sm90(q, k, v, kv_idx, kv_cnt, key_bias, scale, geom: Geometry, visual_bias, fp8):
-    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies (FP8: e4m3
-    copies, made in the same pass as the permute). Without a key mask, edge tiles' padding is masked by its
-    position either way (``edge_grid``), so visual keys read no bias."""
+    """The Gluon kernel on original-order tensors: in place where it can, else on permuted copies. FP8 reads
+    e4m3 copies (made in the same pass as the permute) and, where bf16 would read in place, stores its output
+    in place (no unpermute: 0.43 ms at HunyuanVideo 720p). Without a key mask, edge tiles' padding is masked
+    by its position either way (``edge_grid``), so visual keys read no bias."""
     edges = edge_grid(geom, visual_bias) or ()
-    if fp8 and FP8_STORE_IN_PLACE and reads_in_place(geom, q.shape[0]):
+    if fp8 and reads_in_place(geom, q.shape[0]):
         operands = fp8_operands_triton(q, k, v, permuted_source_index(geom, q.device), SM90_BLOCK)
         return torch.ops.draftopt.attend_sm90_fp8_in_place(*operands, kv_idx, kv_cnt, key_bias, scale, visual_bias,
                                                            q.dtype, list(edges), *geom.op_args())
