@@ -337,8 +337,9 @@ def test_fp8_in_place_op_fake_impl_and_refusals():
 
 
 def test_sm90_fp8_rejects_rowsum_mma():
-    """Row sums by an 8-bit product came out ~4x too large on the H200 (docs/design.md): the FP8 op refuses
-    the tuning before it allocates or launches anything (so this runs on the CPU too)."""
+    """Row sums by an 8-bit product are refused until their fix (the ones as e4m3 bits) has run on a GPU
+    (docs/design.md): the FP8 op refuses the tuning before it allocates or launches anything (so this runs
+    on the CPU too)."""
     from dataclasses import replace
 
     from draftopt.kernels.gluon.attention import DEFAULT_FP8_TUNING, attend_sm90_fp8

@@ -450,7 +450,10 @@ if HAVE_GLUON:
         ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK], k_desc.layout)  # B of the row sums (ROWSUM_MMA)
         if ROWSUM_MMA:
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-            ones_smem.store(gl.full([8, BLOCK], 1.0, gl.float32, fill).to(dtype))
+            if FP8:  # 1.0 as its e4m3 bits: Triton 3.6 turns a cast of the constant 1.0 into wrong bytes
+                ones_smem.store(gl.full([8, BLOCK], 0x38, gl.int8, fill).to(dtype, bitcast=True))
+            else:
+                ones_smem.store(gl.full([8, BLOCK], 1.0, gl.float32, fill).to(dtype))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())

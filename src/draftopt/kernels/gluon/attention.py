@@ -129,9 +129,11 @@ def attend_sm90_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, kv_idx, kv_cnt, bias
     Returns the tile-major output [B, heads, Lp, D] in ``out_dtype`` (16-bit); with ``out_geom`` (batch 1, a
     geometry ``reads_in_place``) the output in the original token order [1, heads, L, D], written in place
     (no unpermute). ``edges``: as attend_sm90's."""
-    if tuning.rowsum_mma:  # measured wrong on the H200: the sums came out ~4x (docs/design.md)
+    # Measured wrong on the H200 (sums ~4x: the ones were wrong bytes, docs/design.md); the fix is compiled
+    # but has not run on a GPU yet, so the tuning stays refused.
+    if tuning.rowsum_mma:
         raise ValueError(f"attend_sm90_fp8: {tuning} has rowsum_mma=True, which the FP8 kernel does not "
-                         "support (its row sums by an 8-bit product were wrong on the H200); pass "
+                         "support yet (its row sums by an 8-bit product were wrong on the H200); pass "
                          "rowsum_mma=False")
     B, heads, Lp, D = q8.shape
     if out_geom is not None and not reads_in_place(out_geom, B):
