@@ -44,8 +44,9 @@ SM90_CONFIGS = [(2, 3, True, True, False, "real", False), (2, 3, False, True, Fa
                 (2, 3, True, False, False, "real", False), (2, 3, True, False, False, "same", False),
                 (2, 3, True, True, False, "real", True), (2, 3, True, True, True, "real", True),
                 (2, 3, False, True, True, "real", True)]
-# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong)
-SM90_FP8_CONFIGS = [(2, 3, False), (2, 3, True), (2, 4, True), (3, 4, True), (4, 4, True), (4, 4, False)]
+# FP8 mode of the Gluon kernel (tile-major e4m3 copies): (K, V buffers, ping-pong, row sums by a product)
+SM90_FP8_CONFIGS = [(2, 3, False, False), (2, 3, True, False), (2, 4, True, False), (3, 4, True, False),
+                    (4, 4, True, False), (4, 4, False, False), (2, 3, False, True), (2, 3, True, True)]
 
 
 def _print_registers(kernel):
@@ -132,11 +133,11 @@ def main():
             runs[("gluon K2 V3 pp rot, padding by the bias", True)] = (run_sm90, f"{err:.1e}", [])
         if args.fp8:  # the error against the bf16 default is FP8's own (~5% on these random inputs)
             operands = fp8_operands(q, k, v, permuted_source_index(g, q.device), g.block)
-            for ks, vs, pp in SM90_FP8_CONFIGS:
-                key = (f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot", False)
+            for ks, vs, pp, rs in SM90_FP8_CONFIGS:
+                key = (f"gluon fp8 K{ks} V{vs}{' pp' if pp else ''} rot{' rowsum-mma' if rs else ''}", False)
                 if args.only is not None and _label(*key) not in args.only:
                     continue
-                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp): attend_sm90_fp8(  # noqa: E731
+                run_sm90 = lambda t=Sm90Tuning(ks, vs, pp, True, rs): attend_sm90_fp8(  # noqa: E731
                     *operands, kv_idx, kv_cnt, bias, scale, g.n_tiles, g.n_text_blocks, False, q.dtype, t, edges)
                 err = ((unpermute_tiles(run_sm90(), g).float() - want).norm() / want.norm()).item()
                 runs[key] = (run_sm90, f"{err:.1e}", [])

@@ -276,6 +276,11 @@ if HAVE_GLUON:
                             nhw, 0, BLOCK, TILE_H, IN_PLACE)
 
     @gluon.jit
+    def _column(sums, row_layout: gl.constexpr):
+        """One column of P @ ones (its 8 columns are equal) as a row vector in ``row_layout``."""
+        return gl.convert_layout(gl.max(sums, axis=1), row_layout)
+
+    @gluon.jit
     def _consumer(c: gl.constexpr, o_desc, ov_desc, ot_desc, q_smem, o_smem, k_smem, v_smem, ones_smem,
                   q_bar, k_ready, k_empty, v_ready, v_empty, turn,
                   bias_bh, idx_row, j0, cnt, n_vis, n_total, is_text, n_tiles, q_row, qk_scale, v_scale, pid_m, h,
@@ -297,11 +302,13 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         # ROWSUM_MMA: P's row sums as a product P @ ones [BLOCK, 8] issued beside P V (8 equal columns: the
-        # narrowest wgmma), instead of 64 FADDs a thread after each softmax; rescaled with O.
+        # narrowest wgmma), instead of 64 FADDs a thread after each softmax. Each block's product starts
+        # from zero and l adds it in float32: FP8 wgmma accumulates with about 14 bits aligned to the
+        # accumulator, so a running sum (all terms positive, ~100 blocks) lost each small P to truncation
+        # and came out 25% low at HunyuanVideo 720p 0.9 (docs/design.md).
         l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, 8, K_INSTR])
         pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=K_INSTR // 8)
-        row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
         PENDING_AFTER_S: gl.constexpr = 2 if ROWSUM_MMA else 1  # wgmma groups issued after S_j
         q_mine = q_smem.index(c)
         ones = ones_smem.permute((1, 0))
@@ -309,7 +316,7 @@ if HAVE_GLUON:
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-        acc_l = gl.zeros([ROWS, 8], gl.float32, l_layout)
+        l_zero = gl.zeros([ROWS, 8], gl.float32, l_layout)
         s_zero = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
 
         mbarrier.wait(q_bar, 0)
@@ -337,7 +344,8 @@ if HAVE_GLUON:
             a_op = _a_operand(p_op, FP8)
             acc_tok = warpgroup_mma(a_op, _v_operand(v_smem, vs, FP8), acc, is_async=True)
             if ROWSUM_MMA:
-                l_tok = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, acc_l, is_async=True)
+                l_tok = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, l_zero, use_acc=False,
+                                      is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - c))
             # While both products run: the padding extent of key tile kb (its index load has landed).
@@ -349,10 +357,10 @@ if HAVE_GLUON:
                                          EDGE, EDGE_TH, BLOCK, s_layout, FP8)
             if ROWSUM_MMA:
                 if FP8:
-                    acc, acc_l = warpgroup_mma_wait(0, deps=(acc_tok, l_tok))
+                    acc, l_blk = warpgroup_mma_wait(0, deps=(acc_tok, l_tok))
                 else:
-                    acc, acc_l, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
-                acc_l = acc_l * gl.convert_layout(alpha, row_l)[:, None]
+                    acc, l_blk, p_op = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p_op))
+                l_i = (l_i + _column(l_blk, row_s)) * alpha  # P_{j-1}'s sums, then m_{j-1} -> m_j
             else:
                 l_i = l_i * alpha + gl.sum(p, axis=1)
                 if FP8:
@@ -368,8 +376,8 @@ if HAVE_GLUON:
         a_op = _a_operand(p_op, FP8)
         acc = warpgroup_mma(a_op, _v_operand(v_smem, vs, FP8), acc)
         if ROWSUM_MMA:
-            acc_l = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, acc_l)
-            l_i = gl.convert_layout(gl.max(acc_l, axis=1), row_s)  # its 8 columns are equal
+            l_blk = warpgroup_mma(gl.convert_layout(a_op, pl_layout), ones, l_zero, use_acc=False)
+            l_i = l_i + _column(l_blk, row_s)
         mbarrier.arrive(v_empty.index(vs))
 
         l_o = gl.convert_layout(l_i, row_o)

@@ -50,8 +50,8 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
                                      fp8_p: bool = False):
     """Dense attention with the block mask expanded to tokens (float32, float64 for float64 input).
 
-    ``fp8_p``: round the softmax's numerators to e4m3 (times 256) before the PV product, as the FP8
-    kernel does (its row sums stay float32)."""
+    ``fp8_p``: round the softmax's numerators to e4m3 (times 256) before the PV product and sum the rounded
+    values, as the FP8 kernel does (its row sums are a product of the e4m3 P with ones)."""
     B, H, Lp, _ = q.shape
     S = kv_idx.shape[2]
     nb = S + n_text_blocks
@@ -63,7 +63,8 @@ def block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, key_bias, scale, b
     scores = scores.masked_fill(~allowed, float("-inf"))
     if fp8_p:
         e = torch.exp(scores - scores.amax(-1, keepdim=True))
-        p = (e * FP8_P_SCALE).to(torch.float8_e4m3fn).to(acc) / FP8_P_SCALE / e.sum(-1, keepdim=True)
+        p8 = (e * FP8_P_SCALE).to(torch.float8_e4m3fn).to(acc)
+        p = p8 / p8.sum(-1, keepdim=True)
     else:
         p = torch.softmax(scores, dim=-1)
     # A row whose keys are all masked gives zeros, as the kernels do; NaN and Inf propagate as in SDPA.
