@@ -9,7 +9,7 @@ variant of SM90_CONFIGS (ring sizes, ping-pong, rotated key sweeps, in place,
 P's row sums as a product (Sm90Tuning.rowsum_mma); interleaved rounds, and a
 "same-keys" locality bound; on a padded grid also the in-place kernel masking
 edge tiles' padding by the bias row instead of by position; with --fp8 also the
-FP8 kernel's ring sizes and ping-pong on e4m3 copies), on one
+FP8 kernel's ring sizes, ping-pong and row sums on e4m3 copies), on one
 real-model shape; checks each output against the default's and prints a table sorted by time.
 Why the defaults are what they are: docs/design.md.
 """
